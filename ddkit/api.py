@@ -1,0 +1,180 @@
+"""High-level Python API, shared by the CLI.
+
+    real = ddkit.load_dataset("digits")
+    syn = ddkit.distill(real, method="dm", ipc=10, iterations=200, seed=0)
+    report = ddkit.evaluate(syn, real, ddkit.EvalProtocol(runs=3, epochs=300))
+
+Any tensors or torch ``Dataset`` can be used through :func:`real_from_tensors` / :func:`real_from_datasets`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import RunConfig, apply_setting, to_yaml_dict, yaml_dump
+from .data import load_dataset
+from .data.preprocess import Preprocess
+from .data.realdata import RealData
+from .engine import GridSaver, MetricsLogger, PeriodicEval, ProgressBar, distill as run_engine, make_generator
+from .errors import ConfigError, DataError
+from .evaluation import EvalProtocol
+from .io import atomic_write_text
+from .methods import METHODS, create_distiller
+from .synthetic import SyntheticSet
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but torch.cuda.is_available() is False on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto")
+    return torch.device(name)
+
+
+def method_config(method: str, dataset: str, ipc: int, overrides: dict[str, Any] | None = None):
+    """The method's per-dataset/IPC defaults with ``overrides`` applied (unknown keys rejected)."""
+    cls = METHODS.get(method)
+    cfg = cls.default_config(dataset, ipc)
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for k, v in (overrides or {}).items():
+        if k not in fields:
+            run = RunConfig()
+            apply_setting(run, f"method.{k}", v, type(cfg))  # raises with close matches
+        setattr(cfg, k, v)
+    return cfg
+
+
+def distill(
+    real: RealData,
+    method: str = "dm",
+    ipc: int = 10,
+    *,
+    iterations: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    checkpoint_every: int = 100,
+    **options: Any,
+) -> SyntheticSet:
+    """Distill ``real`` into ``ipc`` images per class with ``method``; ``options`` are method config fields."""
+    real.check_ipc(ipc)
+    dev = resolve_device(device)
+    cfg = method_config(method, real.name, ipc, options)
+    distiller = create_distiller(method, cfg, device=dev)
+    iters = cfg.iterations if iterations is None else iterations
+    syn = SyntheticSet.from_real(real, ipc, make_generator(seed, "init"), init=cfg.init,
+                                 soft_labels=cfg.soft_labels, learn_labels=cfg.learn_labels)
+    start = time.perf_counter()
+    run_engine(distiller, real, syn, iterations=iters, seed=seed, callbacks=callbacks,
+               checkpoint_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
+    syn.meta.update({"method": method, "seed": seed, "iterations": iters if not distiller.selects_only else 0,
+                     "ipc": ipc, "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start})
+    return syn.cpu()
+
+
+def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> SyntheticSet:
+    """What ``ddkit distill`` does: resolve, load, distill with checkpoints/logs/grids, save the set."""
+    out = Path(out_dir)
+    real = load_dataset(cfg.dataset, cfg.data.root, zca=cfg.data.zca, zca_eps=cfg.data.zca_eps,
+                        image_size=cfg.data.image_size)
+    real.check_ipc(cfg.ipc)
+    mcfg = method_config(cfg.method, real.name, cfg.ipc, cfg.method_config)
+    if cfg.iterations is None:
+        cfg.iterations = mcfg.iterations
+    dev = resolve_device(cfg.device)
+    if resume and not (out / "checkpoint.safetensors").exists():
+        raise ConfigError(f"--resume: no checkpoint in {out}; start without --resume")
+    atomic_write_text(out / "config.yaml", yaml_dump(to_yaml_dict(cfg, mcfg)))
+    logger = MetricsLogger(out / "metrics.jsonl")
+    callbacks: list[Any] = [logger, GridSaver(out, cfg.engine.grid_every)]
+    if cfg.engine.progress:
+        callbacks.insert(0, ProgressBar())
+    if cfg.engine.eval_every > 0:
+        protocol = EvalProtocol(runs=cfg.engine.eval_runs, epochs=cfg.engine.eval_epochs)
+        callbacks.append(PeriodicEval(cfg.engine.eval_every, protocol, logger, device=str(dev)))
+    syn = distill(real, cfg.method, cfg.ipc, iterations=cfg.iterations, seed=cfg.seed, device=str(dev),
+                  out_dir=out, resume=resume, callbacks=callbacks,
+                  checkpoint_every=cfg.engine.checkpoint_every,
+                  **{k: v for k, v in dataclasses.asdict(mcfg).items() if k != "iterations"})
+    syn.meta["data"] = dataclasses.asdict(cfg.data)
+    syn.save(out)
+    return syn
+
+
+def load_real_for(syn: SyntheticSet, root: str | None = None) -> RealData:
+    """The real dataset a synthetic set was distilled from, encoded with the set's own preprocessing.
+
+    This is what makes ZCA sets evaluate correctly: the test images get exactly the stored whitening.
+    """
+    data = syn.meta.get("data", {}) or {}
+    root = root or data.get("root")
+    size = syn.images.shape[-1] if syn.dataset == "imagefolder" else data.get("image_size")
+    real = load_dataset(syn.dataset, root, image_size=size)
+    if tuple(real.image_shape) != tuple(syn.images.shape[1:]):
+        raise DataError(f"the synthetic set has images of shape {tuple(syn.images.shape[1:])} but {syn.dataset!r} "
+                        f"loaded from {root} has {real.image_shape}")
+    return reencode(real, syn.preprocess)
+
+
+def reencode(real: RealData, preprocess: Preprocess) -> RealData:
+    """Re-express ``real`` in another preprocessing (e.g. the ZCA stored with a synthetic set)."""
+    if preprocess.to_json() == real.preprocess.to_json() and not preprocess.uses_zca:
+        return real
+    train = preprocess.encode(real.preprocess.decode(real.train_images))
+    test = preprocess.encode(real.preprocess.decode(real.test_images))
+    return dataclasses.replace(real, train_images=train, test_images=test, preprocess=preprocess)
+
+
+def real_from_tensors(train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor, *,
+                      name: str = "custom", class_names: list[str] | None = None, zca: bool = False,
+                      zca_eps: float = 0.1) -> RealData:
+    """Wrap raw image tensors in [0,1] (``[N,C,H,W]``, or ``[N,H,W]`` for grey) as :class:`RealData`."""
+    def prep(x: Tensor) -> Tensor:
+        x = x.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        if x.dim() != 4:
+            raise DataError(f"{name}: expected images [N,C,H,W] or [N,H,W], got shape {tuple(x.shape)}")
+        return x / 255.0 if x.max() > 1.0 else x
+
+    xtr, xte = prep(train_images), prep(test_images)
+    ytr, yte = torch.as_tensor(train_labels).long(), torch.as_tensor(test_labels).long()
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise DataError(f"{name}: {len(xtr)} train images vs {len(ytr)} labels, {len(xte)} test images vs {len(yte)} labels")
+    k = int(max(ytr.max(), yte.max())) + 1
+    if zca:
+        pre = Preprocess.fit_zca(xtr, eps=zca_eps)
+    else:
+        mean = xtr.mean(dim=(0, 2, 3)).tolist()
+        std = xtr.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+        pre = Preprocess(mean=tuple(mean), std=tuple(std))
+    return RealData(name, pre.encode(xtr), ytr, pre.encode(xte), yte, k, class_names or [str(c) for c in range(k)], pre)
+
+
+def real_from_datasets(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset, **kw: Any) -> RealData:
+    """Wrap any map-style torch ``Dataset`` yielding ``(image_tensor_in_[0,1], label)`` pairs."""
+    def stack(ds) -> tuple[Tensor, Tensor]:
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
+
+    (xtr, ytr), (xte, yte) = stack(train), stack(test)
+    return real_from_tensors(xtr, ytr, xte, yte, **kw)
+
+
+def print_report(report, file=sys.stdout) -> None:
+    print(report.to_markdown(), file=file)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

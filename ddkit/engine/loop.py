@@ -1,0 +1,76 @@
+"""The one distillation loop.
+
+It owns seeding (named generator streams), the device, resume, checkpoints and the NaN guard; methods only
+implement ``setup``/``step``.  Checkpoints are written atomically every ``checkpoint_every`` iterations, and a
+resumed run continues exactly (same result as an uninterrupted run with the same seed, on CPU).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import DivergenceError
+from .callbacks import Callback, RunState, is_finite
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
+from .seeding import make_generator
+
+
+def distill(
+    distiller,
+    real,
+    syn,
+    *,
+    iterations: int,
+    seed: int = 0,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+):
+    """Run ``iterations`` steps of ``distiller`` on ``syn`` (modified in place and returned)."""
+    device = distiller.device
+    syn.to(device)
+    real = real.to(device)
+    generator = make_generator(seed, "distill")
+    distiller.setup(real, syn, generator)
+    start_it = 0
+    if resume:
+        state = load_checkpoint(checkpoint_dir)
+        start_it = restore(state, syn=syn, distiller=distiller, generator=generator)
+    if distiller.selects_only:
+        iterations = 0
+    run = RunState(start_it, iterations, start_it, {}, syn, real, seed, 0.0, distiller.name,
+                   Path(checkpoint_dir) if checkpoint_dir else None)
+    for cb in callbacks:
+        cb.on_start(run)
+    t0 = time.perf_counter()
+    last_good = start_it
+    for it in range(start_it + 1, iterations + 1):
+        t_it = time.perf_counter()
+        metrics = distiller.step(it, real, syn, generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        metrics["seconds"] = time.perf_counter() - t_it
+        bad = [k for k, v in metrics.items() if k.startswith("loss") and not is_finite(v)]
+        if bad:
+            where = f"; the last good checkpoint (iteration {last_good}) is kept in {checkpoint_dir}" \
+                if checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_FILE).exists() else ""
+            raise DivergenceError(
+                f"{distiller.name}: {bad[0]} became {metrics[bad[0]]} at iteration {it}{where}; "
+                f"lower the image learning rate (e.g. --set method.lr_img=...)"
+            )
+        run.iteration, run.metrics, run.elapsed = it, metrics, time.perf_counter() - t0
+        for cb in callbacks:
+            cb.on_iteration_end(run)
+        if checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
+            save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator)
+            last_good = it
+    run.elapsed = time.perf_counter() - t0
+    for cb in callbacks:
+        cb.on_end(run)
+    if checkpoint_dir is not None and iterations > start_it:
+        save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator)
+    return syn

@@ -1,0 +1,146 @@
+"""The field's evaluation protocol: fresh models trained on the synthetic set, tested on the real test split.
+
+Defaults follow ``evaluate_synset`` of the DC/DSA/DM/MTT code (anchors.md §2.13): SGD momentum 0.9, weight decay
+5e-4, lr 0.01 (or the set's learned lr), x0.1 at half, batch 256, 1000 epochs, DSA during training.
+The final model is reported; nothing is selected on the test set.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..augment import DSA
+from ..data.realdata import RealData
+from ..engine.seeding import make_generator, seeded_global
+from ..models import create_model
+from .report import Report, Row
+from .train import accuracy, train_model
+
+
+@dataclass
+class EvalProtocol:
+    models: tuple[str, ...] = ("convnet",)
+    runs: int = 5
+    epochs: int = 1000
+    lr: float = 0.01
+    use_learned_lr: bool = True  # MTT/FTD evaluate with the distilled step size
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    dsa: bool = True
+    dsa_strategy: str | None = None  # None: the dataset's strategy
+    soft_label_loss: str = "soft_ce"
+    model_overrides: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["models"] = list(self.models)
+        return d
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def dataset_strategy(name: str) -> str:
+    from ..data import get_dataset_spec
+
+    return get_dataset_spec(name).dsa_strategy
+
+
+def train_and_test(
+    model_name: str,
+    images: Tensor,
+    labels: Tensor,
+    real: RealData,
+    protocol: EvalProtocol,
+    generator: torch.Generator,
+    lr: float,
+    device: torch.device,
+) -> float:
+    """Train one fresh model on ``(images, labels)`` and return its real test accuracy (percent)."""
+    with seeded_global(generator):
+        model = create_model(
+            model_name,
+            channels=real.channels,
+            num_classes=real.num_classes,
+            image_size=real.image_size,
+            **protocol.model_overrides,
+        ).to(device)
+    augment: Callable | None = None
+    if protocol.dsa:
+        aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))
+        augment = None if aug.is_identity else aug
+    train_model(
+        model,
+        images.to(device),
+        labels.to(device),
+        epochs=protocol.epochs,
+        lr=lr,
+        generator=generator,
+        momentum=protocol.momentum,
+        weight_decay=protocol.weight_decay,
+        batch_size=protocol.batch_size,
+        augment=augment,
+        soft_loss=protocol.soft_label_loss,
+    )
+    return accuracy(model, real.test_images.to(device), real.test_labels.to(device))
+
+
+def evaluate_tensors(
+    images: Tensor,
+    labels: Tensor,
+    real: RealData,
+    protocol: EvalProtocol,
+    *,
+    seed: int = 0,
+    lr: float | None = None,
+    method: str = "?",
+    ipc: int = 0,
+    device: str | torch.device = "cpu",
+    on_row: Callable[[Row], None] | None = None,
+) -> Report:
+    """Evaluate any image/label tensors (a synthetic set, a coreset, or the whole training set)."""
+    device = torch.device(device)
+    report = Report(protocol=protocol.to_json())
+    use_lr = protocol.lr if lr is None else lr
+    report.protocol["lr_used"] = use_lr
+    for model_name in protocol.models:
+        for run in range(protocol.runs):
+            gen = make_generator(seed, "eval", model_name, run)
+            start = time.perf_counter()
+            acc = train_and_test(model_name, images, labels, real, protocol, gen, use_lr, device)
+            row = Row(method, real.name, ipc, model_name, run, seed, acc, time.perf_counter() - start, peak_rss_mib())
+            report.add(row)
+            if on_row is not None:
+                on_row(row)
+    return report
+
+
+def evaluate(syn, real: RealData, protocol: EvalProtocol | None = None, *, seed: int = 0,
+             device: str | torch.device = "cpu", on_row: Callable[[Row], None] | None = None) -> Report:
+    """Evaluate a :class:`~ddkit.synthetic.SyntheticSet` under ``protocol`` (default: the field's protocol).
+
+    The set's preprocessing must match the real data's (same normalisation / same ZCA), which
+    :func:`ddkit.api.load_real_for` guarantees when the set is loaded from disk.
+    """
+    protocol = protocol or EvalProtocol()
+    lr = syn.learned_lr if (protocol.use_learned_lr and syn.learned_lr is not None) else protocol.lr
+    return evaluate_tensors(
+        syn.images.detach(),
+        syn.labels.detach(),
+        real,
+        protocol,
+        seed=seed,
+        lr=lr,
+        method=str(syn.meta.get("method", "?")),
+        ipc=syn.ipc,
+        device=device,
+        on_row=on_row,
+    )
