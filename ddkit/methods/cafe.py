@@ -1,0 +1,1 @@
+"""CAFE (Wang et al., CVPR 2022) -- being written."""
