@@ -29,11 +29,11 @@ def single(family: str, **hp: float) -> DSA:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("n_params", [1, 3], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("n_params", [1, 2], ids=["shared", "per_sample"])
 def test_gradcheck_each_family(family: str, n_params: int) -> None:
     aug = single(family, prob_flip=1.0 if family == "flip" else 0.5)
     p = aug.sample(n_params, gen(1))
-    x = images(3, 2, 6, 5, dtype=torch.float64).requires_grad_(True)
+    x = images(2, 2, 5, 4, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: aug.apply(t, p), (x,), eps=1e-6, atol=1e-5)
 
 
@@ -42,7 +42,7 @@ OP_CASES = {
     "saturation": lambda x: ops.saturation(x, torch.tensor([1.7, 0.4])),
     "contrast": lambda x: ops.contrast(x, torch.tensor([0.6, 1.4])),
     "translate": lambda x: ops.translate(x, torch.tensor([[1, -2], [-1, 0]])),
-    "cutout": lambda x: ops.cutout(x, torch.tensor([[2, 1], [0, 4]]), (3, 2)),
+    "cutout": lambda x: ops.cutout(x, torch.tensor([[2, 1], [0, 3]]), (3, 2)),
     "flip": lambda x: ops.flip(x, torch.tensor([True, False])),
     "scale": lambda x: ops.scale(x, torch.tensor([[1.15, 0.9], [0.85, 1.1]])),
     "rotate": lambda x: ops.rotate(x, torch.tensor([0.2, -0.25])),
@@ -51,7 +51,7 @@ OP_CASES = {
 
 @pytest.mark.parametrize("name", list(OP_CASES))
 def test_gradcheck_each_op(name: str) -> None:
-    x = images(2, 3, 5, 6, dtype=torch.float64).requires_grad_(True)
+    x = images(2, 2, 5, 4, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(OP_CASES[name], (x,), eps=1e-6, atol=1e-5)
 
 
@@ -260,6 +260,15 @@ def test_rotate_sign_and_scale_axes_follow_the_official_matrices() -> None:
     widened = ops.scale(x, torch.tensor([[2.0, 1.0]]))
     assert torch.allclose(widened[..., :2], torch.zeros(1, 1, 8, 2))  # samples beyond the left edge
     assert widened[..., 2:6].abs().sum() > 0
+
+
+def test_affine_matches_torch_affine_grid_and_grid_sample() -> None:
+    """ops.affine builds its grid by hand for speed; it must equal F.affine_grid + F.grid_sample."""
+    x = images(3, 2, 9, 13, dtype=torch.float64)
+    theta = torch.randn(3, 2, 3, generator=gen(7), dtype=torch.float64) * 0.5
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    expected = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+    assert torch.allclose(ops.affine(x, theta), expected, atol=1e-12)
 
 
 def test_translate_reads_shifted_pixels_with_zero_fill() -> None:

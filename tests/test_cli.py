@@ -99,3 +99,46 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "did you mean" in proc.stderr
+
+
+def test_corrupt_idx_file_is_one_line(tmp_path, capsys):
+    import gzip
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\x00" * 10)
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(raw / (name + ".gz"), "wb") as f:
+            f.write(b"\x00\x00\x09\x01" + (2).to_bytes(4, "big") + b"\x00\x01")  # bad magic
+    code, _, err = run(["distill", "--method", "random", "--dataset", "mnist", "--data-root", tmp_path, "--ipc", "1",
+                        "--out", tmp_path / "out"], capsys)
+    line = one_line_error(code, err)
+    assert "MNIST" in line or "idx" in line
+
+
+FAST_DM = ["--method", "dm", "--dataset", "digits", "--ipc", "1", "--no-progress",
+           "--set", "method.model=convnet_w32", "--set", "method.batch_real=16"]
+
+
+def test_resume_continues_exactly(tmp_path, capsys):
+    from ddkit.synthetic import SyntheticSet
+    import torch
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(["distill", *FAST_DM, "--iterations", "4", "--out", full], capsys)[0] == 0
+    assert run(["distill", *FAST_DM, "--iterations", "2", "--out", part, "--set", "engine.checkpoint_every=2"],
+               capsys)[0] == 0
+    assert run(["distill", *FAST_DM, "--iterations", "4", "--out", part, "--resume"], capsys)[0] == 0
+    assert torch.equal(SyntheticSet.load(full).images, SyntheticSet.load(part).images)
+    its = [json.loads(line)["it"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert its == [1, 2, 3, 4]
+
+
+def test_nan_loss_is_one_line_and_keeps_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code, _, err = run(["distill", *FAST_DM, "--iterations", "5", "--out", out, "--set", "method.lr_img=1e38",
+                        "--set", "engine.checkpoint_every=1"], capsys)
+    line = one_line_error(code, err)
+    assert "iteration" in line and "last good checkpoint" in line
+    assert (out / "checkpoint.safetensors").exists() and not (out / "synset.safetensors").exists()

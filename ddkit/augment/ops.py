@@ -45,14 +45,18 @@ def saturation(x: Tensor, factor: Tensor) -> Tensor:
     """
     if x.shape[1] == 1:  # (x - x) * f + x == x exactly for finite f, gradient included: skip the work
         return x
-    mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * _per_image(factor, x) + mean
+    return _blend_with_mean(x, x.mean(dim=1, keepdim=True), _per_image(factor, x))
 
 
 def contrast(x: Tensor, factor: Tensor) -> Tensor:
     """Scale each image's deviation from its own mean over (C, H, W): ``(x - mean) * factor + mean``."""
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * _per_image(factor, x) + mean
+    return _blend_with_mean(x, x.mean(dim=(1, 2, 3), keepdim=True), _per_image(factor, x))
+
+
+def _blend_with_mean(x: Tensor, mean: Tensor, factor: Tensor) -> Tensor:
+    """``(x - mean) * factor + mean`` rewritten as ``x * factor + mean * (1 - factor)``: one full-size pass
+    instead of three (equal up to float rounding)."""
+    return torch.addcmul(mean * (1 - factor), x, factor)
 
 
 def translate(x: Tensor, shift: Tensor) -> Tensor:
@@ -60,8 +64,8 @@ def translate(x: Tensor, shift: Tensor) -> Tensor:
 
     ``shift`` is an integer tensor ``[N|1, 2]`` holding ``(dy, dx)``.  This is the official pad-and-gather crop:
     padding by one zero pixel and clamping the source index into the padded frame sends every out-of-range
-    read to a zero.  One flat ``gather`` over the padded images is ~2x faster than the official 3-D advanced
-    indexing and exact, unlike a nearest-neighbour ``grid_sample``.
+    read to a zero.  One flat ``gather`` over the padded images is exact by construction and measured ~2-4x
+    faster on CPU than the official 3-D advanced indexing over a ``meshgrid``.
     """
     n, c, h, w = x.shape
     shift = shift.to(device=x.device, dtype=torch.long)
@@ -115,12 +119,26 @@ def affine(x: Tensor, theta: Tensor) -> Tensor:
     These are the defaults the official ``F.affine_grid``/``F.grid_sample`` calls get.  A shared matrix builds
     one grid and expands it over the batch instead of building ``N`` identical grids.
     """
-    n, c, h, w = x.shape
-    theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, [theta.shape[0], c, h, w], align_corners=False)
+    n, _, h, w = x.shape
+    grid = _affine_grid(theta.to(device=x.device, dtype=x.dtype), h, w)
     if grid.shape[0] != n:
         grid = grid.expand(n, -1, -1, -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(theta, [N, C, h, w], align_corners=False)`` as one broadcast add.
+
+    The grid point of pixel ``(i, j)`` is ``theta[:, :, 0] * u_j + theta[:, :, 1] * v_i + theta[:, :, 2]`` with
+    pixel-centre coordinates ``u_j = (2j + 1) / w - 1``.  Splitting it into a ``[N, 1, w, 2]`` column term plus a
+    ``[N, h, 1, 2]`` row term writes the grid once, where ``F.affine_grid``'s ``[N, h*w, 3] x [N, 3, 2]`` bmm is
+    about 3x slower than the ``grid_sample`` that follows on CPU (46 ms vs 15 ms for 2,560 28x28 grids).
+    """
+    u = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    v = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    columns = theta[:, None, None, :, 0] * u.view(1, 1, w, 1)  # [N, 1, w, 2]
+    rows = theta[:, None, None, :, 1] * v.view(1, h, 1, 1) + theta[:, None, None, :, 2]  # [N, h, 1, 2]
+    return columns + rows
 
 
 def scale(x: Tensor, factors: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ class EvalProtocol:
     dsa: bool = True
     dsa_strategy: str | None = None  # None: the dataset's strategy
     soft_label_loss: str = "soft_ce"
+    channels_last: bool = False  # a CPU/GPU speed lever; measured in benchmarks/bench_eval_cost.py
     model_overrides: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -73,6 +74,9 @@ def train_and_test(
             image_size=real.image_size,
             **protocol.model_overrides,
         ).to(device)
+    if protocol.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     augment: Callable | None = None
     if protocol.dsa:
         aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))
