@@ -94,19 +94,25 @@ def save_state(path: str | Path, state: Any, metadata: dict[str, Any] | None = N
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def load_state(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Load a state written by :func:`save_state`; anything else raises ArtifactError."""
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Header metadata and tensors of a safetensors file; anything unreadable raises ArtifactError."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no checkpoint file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for corrupt headers
-        raise ArtifactError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise ArtifactError(f"{path} is not {what}: not a readable safetensors file ({exc})") from None
+    return header, tensors
+
+
+def load_state(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Load a state written by :func:`save_state`; anything else raises ArtifactError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no checkpoint file at {path}")
+    header, tensors = read_safetensors(path, "a ddkit checkpoint")
     if "ddkit_state" not in header:
         raise ArtifactError(f"{path} is a safetensors file but not a ddkit checkpoint")
     skeleton = json.loads(header["ddkit_state"])

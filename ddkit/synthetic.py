@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .data.preprocess import Preprocess
 from .data.realdata import RealData
 from .errors import ArtifactError, ConfigError
-from .io import atomic_write, atomic_write_json, atomic_write_text
+from .io import atomic_write, atomic_write_json, atomic_write_text, read_safetensors
 
 FORMAT = "ddkit.synset/1"
 SYNSET_FILE = "synset.safetensors"
@@ -165,19 +165,12 @@ class SyntheticSet(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SyntheticSet":
         """Load from a run folder or a ``.safetensors`` file; anything that is not a ddkit set raises ArtifactError."""
-        from safetensors import safe_open
-
         path = Path(path)
         if path.is_dir():
             path = path / SYNSET_FILE
         if not path.is_file():
             raise ArtifactError(f"no synthetic set at {path} (expected a run folder or a {SYNSET_FILE} file)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise ArtifactError(f"{path} is not a ddkit synthetic set: not a readable safetensors file ({exc})") from None
+        header, tensors = read_safetensors(path, "a ddkit synthetic set")
         if "ddkit" not in header:
             raise ArtifactError(f"{path} is a safetensors file but not a ddkit synthetic set (no 'ddkit' metadata)")
         try:
