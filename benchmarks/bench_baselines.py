@@ -48,8 +48,9 @@ def main() -> None:
     p.add_argument("--data-root", default=DEFAULT_DATA)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="baselines")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 when the machine is shared)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     results = load_results(args.tag)
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs)
     for ds in args.datasets.split(","):

@@ -3,6 +3,7 @@ from ..registry import METHODS
 from .base import DistillConfig, Distiller
 from . import coreset  # noqa: F401  (registers random, herding, kcenter)
 from . import dm, cafe  # noqa: F401
+from . import dc  # noqa: F401
 
 
 def create_distiller(name: str, config=None, *, dataset: str | None = None, ipc: int | None = None, device="cpu") -> Distiller:

@@ -298,7 +298,7 @@ class CAFEDistiller(Distiller):
         mean_term = ((stats.emb_means - centres) ** 2).sum()
         disc = cfg.inner_weight * F.cross_entropy(stats.emb @ centres.t(), batch.labels, reduction="sum")
         loss = middle + mean_term + disc + stats.loss_real
-        return loss, {"loss_middle": float(middle), "loss_mean": float(mean_term), "loss_disc": float(disc),
+        return loss, {"loss_middle": _item(middle), "loss_mean": _item(mean_term), "loss_disc": _item(disc),
                       "loss_real": stats.loss_real}
 
     def _image_update(self, net: nn.Module, real: RealData, syn: SyntheticSet,
@@ -340,6 +340,10 @@ class CAFEDistiller(Distiller):
         net.train(was_training)
         counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)
         return float((correct / counts).mean())
+
+
+def _item(value: Tensor | float) -> float:
+    return float(value.detach()) if isinstance(value, Tensor) else float(value)
 
 
 def _window_done(window: list[float], reading: float, size: int, stop) -> bool:

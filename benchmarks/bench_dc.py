@@ -1,0 +1,355 @@
+"""DC / DSA on Fashion-MNIST (CPU): seconds per outer iteration, peak memory, accuracy at a fixed budget.
+
+Subcommands (run every timing under ``flock /tmp/ddkit-bench.lock`` so benchmarks never overlap)::
+
+    python -m benchmarks.bench_dc micro --ipc 1            # which per-class gradient formulation is fastest
+    python -m benchmarks.bench_dc speed --method dc --ipc 1 --iters 10 [--variant naive]
+    python -m benchmarks.bench_dc accuracy --method dc --ipc 1 --iters 50
+    python -m benchmarks.bench_dc report                   # writes benchmarks/RESULTS_dc.md
+
+``speed`` and ``accuracy`` run in the current process and store one JSON file under ``benchmarks/_work/dc``;
+run each in a fresh process so that peak RSS belongs to one setting.  ``--variant naive`` is the official
+formulation (``main.py``: per class, a forward and backward of the real batch, then of the synthetic batch with
+a graph) inside ddkit, a same-machine baseline next to the reference figures of anchors.md section R.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+WORK = ROOT / "_work" / "dc"
+DATA = str(ROOT.parent.parent / "shared" / "data")
+
+#: anchors.md section R: the official code on this machine kind (2 cores), Fashion-MNIST, ConvNet-3.
+REFERENCE = {
+    ("dc", 1): (7.53, 1837),
+    ("dc", 10): (215.0, 1996),
+    ("dsa", 1): (7.98, 1780),
+    ("dsa", 10): (224.0, 2021),
+}
+#: anchors.md section 1b (DC README / DSA README Tab. 2), ConvNet-3, mean of 5 x 20 models.
+PAPER = {
+    ("dc", "mnist"): ("91.7±0.5", "97.4±0.2", "98.8±0.1"),
+    ("dc", "fashion-mnist"): ("70.5±0.6", "82.3±0.4", "83.6±0.4"),
+    ("dc", "cifar10"): ("28.3±0.5", "44.9±0.5", "53.9±0.5"),
+    ("dsa", "mnist"): ("88.7±0.6", "97.8±0.1", "99.2±0.1"),
+    ("dsa", "fashion-mnist"): ("70.6±0.6", "84.6±0.3", "88.7±0.2"),
+    ("dsa", "cifar10"): ("28.8±0.7", "52.1±0.5", "60.6±0.5"),
+}
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def load_all() -> dict[str, dict[str, Any]]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(WORK.glob("*.json"))} if WORK.exists() else {}
+
+
+# ------------------------------------------------------------------------------------------------ the baseline
+def naive_distiller(method: str, config):
+    """The official per-class formulation, with ddkit's draws: the reference the fast path is timed against."""
+    from ddkit.methods.dc import DCDistiller, DSADistiller
+    from ddkit.methods.dm import sample_class_params, sample_per_class
+
+    base = DSADistiller if method == "dsa" else DCDistiller
+
+    class Naive(base):  # type: ignore[misc, valid-type]
+        def matching_loss(self, net, real, syn, generator):
+            cfg = self.config
+            batch = sample_per_class(real, cfg.batch_real, generator, self.device)
+            params = sample_class_params(self.aug, real.num_classes, generator, self.device)
+            weights = list(net.parameters())
+            loss = torch.zeros((), device=self.device)
+            for c in range(real.num_classes):
+                img_real = batch.images[batch.row_class == c]
+                img_syn = syn.images[syn.class_slice(c)]
+                if params[c]:
+                    img_real = self.aug.apply(img_real, params[c])
+                    img_syn = self.aug.apply(img_syn, params[c])
+                lab = torch.full((img_real.shape[0],), c, dtype=torch.long, device=self.device)
+                gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(img_real), lab), weights)]
+                lab = torch.full((img_syn.shape[0],), c, dtype=torch.long, device=self.device)
+                gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab), weights, create_graph=True)
+                loss = loss + official_match_loss(gw_syn, gw_real)
+            return loss
+
+    return Naive(config)
+
+
+def official_match_loss(gw_syn, gw_real) -> torch.Tensor:
+    """``distance_wb`` summed over parameters (``dis_metric='ours'``)."""
+    total = torch.zeros((), device=gw_real[0].device)
+    for gwr, gws in zip(gw_real, gw_syn):
+        if gwr.dim() == 1:
+            continue
+        gwr, gws = gwr.reshape(gwr.shape[0], -1), gws.reshape(gws.shape[0], -1)
+        total = total + torch.sum(1 - torch.sum(gwr * gws, -1) / (gwr.norm(dim=-1) * gws.norm(dim=-1) + 1e-6))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def make(method: str, ipc: int, variant: str, overrides: dict[str, Any]):
+    from ddkit.methods import create_distiller
+
+    d = create_distiller(method, dataset="fashion-mnist", ipc=ipc)
+    for k, v in overrides.items():
+        setattr(d.config, k, v)
+    if variant == "naive":
+        d = naive_distiller(method, d.config)
+    return d
+
+
+def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Median seconds per outer iteration over ``--iters`` iterations (the first one is dropped)."""
+    from ddkit.data import load_dataset
+    from ddkit.engine import distill, make_generator
+    from ddkit.engine.callbacks import Callback
+    from ddkit.synthetic import SyntheticSet
+
+    torch.set_num_threads(args.threads)
+    real = load_dataset("fashion-mnist", args.data)
+    d = make(args.method, args.ipc, args.variant, parse_overrides(args.set))
+    syn = SyntheticSet.from_real(real, args.ipc, make_generator(0, "init"), init=d.config.init)
+    times: list[dict[str, float]] = []
+
+    class Timer(Callback):
+        def on_iteration_end(self, state):
+            times.append(dict(state.metrics))
+            print(json.dumps({"it": state.iteration, **state.metrics}), file=sys.stderr, flush=True)
+
+    distill(d, real, syn, iterations=args.iters + 1, seed=0, callbacks=[Timer()])
+    kept = times[1:]
+    out = {
+        "kind": "speed", "method": args.method, "ipc": args.ipc, "variant": args.variant, "set": args.set,
+        "loops": list(d.loops), "iterations": len(kept),
+        "seconds": [t["seconds"] for t in kept],
+        "median_s": statistics.median(t["seconds"] for t in kept),
+        "median_match_s": statistics.median(t["seconds_match"] for t in kept),
+        "median_inner_s": statistics.median(t["seconds_inner"] for t in kept),
+        "peak_rss_mib": peak_rss_mib(), "threads": args.threads, "torch": torch.__version__,
+    }
+    save(f"speed_{args.method}_ipc{args.ipc}_{args.variant}{args.tag}", out)
+    return out
+
+
+def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """Init vs after ``--iters`` iterations, each scored by the same short protocol and seeds."""
+    from ddkit.data import load_dataset
+    from ddkit.engine import distill, make_generator
+    from ddkit.evaluation import EvalProtocol, evaluate
+    from ddkit.synthetic import SyntheticSet
+
+    torch.set_num_threads(args.threads)
+    real = load_dataset("fashion-mnist", args.data)
+    d = make(args.method, args.ipc, "fast", parse_overrides(args.set))
+    syn = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"), init=d.config.init)
+    protocol = EvalProtocol(models=("convnet",), runs=args.runs, epochs=args.epochs, dsa=args.method == "dsa")
+    t0 = time.perf_counter()
+    before = evaluate(syn, real, protocol, seed=args.seed).summary()["convnet"]
+    t1 = time.perf_counter()
+    distill(d, real, syn, iterations=args.iters, seed=args.seed)
+    t2 = time.perf_counter()
+    after = evaluate(syn, real, protocol, seed=args.seed).summary()["convnet"]
+    out = {
+        "kind": "accuracy", "method": args.method, "ipc": args.ipc, "iterations": args.iters, "init": d.config.init,
+        "protocol": protocol.to_json(), "before": before, "after": after, "distill_s": t2 - t1,
+        "eval_s": t1 - t0, "seed": args.seed,
+    }
+    save(f"acc_{args.method}_ipc{args.ipc}_it{args.iters}", out)
+    return out
+
+
+def cmd_micro(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the pieces of one matching step on Fashion-MNIST shapes, formulation by formulation, interleaved."""
+    from ddkit.functional.distances import match_distance
+    from ddkit.functional.pergrad import class_labels, naive_per_class_grads, per_class_grads, \
+        per_class_grads_loop, split_parameters
+    from ddkit.models import create_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    k, n, ipc = 10, 256, args.ipc
+    net = create_model("convnet", channels=1, num_classes=k, image_size=(28, 28))
+    diff, const = split_parameters(net, lambda name, p: p.dim() >= 2)
+    xr = torch.randn(k, n, 1, 28, 28)
+    yr = class_labels(k, n)
+    xs = torch.randn(k, ipc, 1, 28, 28, requires_grad=True)
+    ys = class_labels(k, ipc)
+    with torch.no_grad():
+        g_real = per_class_grads(net, diff, const, xr, yr, sample_chunk=8)
+
+    def real_naive():
+        naive_per_class_grads(net, list(diff), list(xr), list(yr))
+
+    def real_loop(chunk):
+        def f():
+            with torch.no_grad():
+                per_class_grads_loop(net, diff, const, xr, yr, sample_chunk=chunk)
+        return f
+
+    def real_batched(per_class):
+        def f():
+            with torch.no_grad():
+                per_class_grads(net, diff, const, xr, yr, sample_chunk=per_class)
+        return f
+
+    def syn_naive():
+        gs = naive_per_class_grads(net, list(diff), list(xs), list(ys), create_graph=True)
+        match_distance(g_real, gs).backward()
+
+    def syn_batched():
+        match_distance(g_real, per_class_grads(net, diff, const, xs, ys)).backward()
+
+    def syn_loop():
+        match_distance(g_real, per_class_grads_loop(net, diff, const, xs, ys, create_graph=True)).backward()
+
+    variants: dict[str, Callable[[], None]] = {
+        "real: official per-class (256 per pass)": real_naive,
+        "real: loop, 64 per pass": real_loop(64),
+        "real: loop, 32 per pass": real_loop(32),
+        "real: batched over classes, 2560 per pass": real_batched(None),
+        "real: batched, 320 per pass (32/class)": real_batched(32),
+        "real: batched, 80 per pass (8/class)": real_batched(8),
+        "real: batched, 40 per pass (4/class)": real_batched(4),
+        f"syn IPC {ipc}: official per-class + backward": syn_naive,
+        f"syn IPC {ipc}: loop + backward": syn_loop,
+        f"syn IPC {ipc}: batched + backward": syn_batched,
+    }
+    only = [v for v in variants if not args.only or any(s in v for s in args.only.split(","))]
+    times: dict[str, list[float]] = {v: [] for v in only}
+    for _ in range(args.rounds):
+        for name in only:
+            t = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - t)
+            print(f"{name}: {times[name][-1]:.2f}s", file=sys.stderr, flush=True)
+    out = {"kind": "micro", "ipc": ipc, "rounds": args.rounds, "times": times,
+           "median_s": {k_: statistics.median(v) for k_, v in times.items()}}
+    save(f"micro_ipc{ipc}{args.tag}", out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    results = load_all()
+    lines = [
+        "## DC / DSA (gradient matching) — issue 4",
+        "",
+        "Fashion-MNIST, ConvNet-3 (width 128, instance norm, average pooling), CPU with 2 threads; "
+        "seconds per outer iteration are medians (first iteration dropped); peak RSS is the whole process in a "
+        "fresh interpreter per setting.  Reference: the official code on this machine kind (anchors.md section "
+        "R).  *naive* is the official per-class formulation run inside ddkit on the same machine and in the "
+        "same session as the fast path, the fairer ratio on a shared, noisy machine.",
+        "",
+        "| method | IPC | loops | official s/it | naive (ddkit) s/it | fast s/it | fast / official | fast / naive "
+        "| of which matching / inner | official RSS | fast RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, ipc), (ref_s, ref_rss) in REFERENCE.items():
+        fast = results.get(f"speed_{method}_ipc{ipc}_fast")
+        naive = results.get(f"speed_{method}_ipc{ipc}_naive")
+        if not fast:
+            continue
+        naive_s = f"{naive['median_s']:.2f}" if naive else "–"
+        ratio_naive = f"{fast['median_s'] / naive['median_s']:.2f}x" if naive else "–"
+        lines.append(
+            f"| {method} | {ipc} | {fast['loops'][0]}/{fast['loops'][1]} | {ref_s:.2f} | {naive_s} | "
+            f"{fast['median_s']:.2f} | {fast['median_s'] / ref_s:.2f}x | {ratio_naive} | "
+            f"{fast['median_match_s']:.2f} / {fast['median_inner_s']:.2f} | {ref_rss} MiB | "
+            f"{fast['peak_rss_mib']:.0f} MiB |"
+        )
+    acc = [r for k, r in results.items() if k.startswith("acc_")]
+    if acc:
+        lines += ["", "Accuracy at a fixed budget (Fashion-MNIST test set, 10k images; 300-epoch evaluation of "
+                  "fresh ConvNets as in anchors.md section R; DSA evaluated with DSA augmentation):", "",
+                  "| method | IPC | init | iterations | before | after | distill time |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(acc, key=lambda r: (r["method"], r["ipc"])):
+            b, a = r["before"], r["after"]
+            lines.append(f"| {r['method']} | {r['ipc']} | {r['init']} | {r['iterations']} | "
+                         f"{b['mean']:.2f} ± {b['std']:.2f} | {a['mean']:.2f} ± {a['std']:.2f} | "
+                         f"{r['distill_s'] / 60:.1f} min |")
+    micro = [r for k, r in results.items() if k.startswith("micro_")]
+    for r in micro:
+        lines += ["", f"Formulations of one matching step (IPC {r['ipc']}, median of {r['rounds']} interleaved "
+                  "rounds, seconds):", "", "| formulation | s |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in r["median_s"].items()]
+    lines += ["", "Full-budget runs for the papers' rows (GPU):", "", "```"]
+    for method in ("dc", "dsa"):
+        for ds in ("mnist", "fashion-mnist", "cifar10"):
+            for ipc in (1, 10, 50):
+                out = f"runs/{method}_{ds}_ipc{ipc}"
+                epochs = 1000 if method == "dsa" else 300
+                lines.append(f"ddkit distill --method {method} --dataset {ds} --ipc {ipc} --out {out} "
+                             f"--data-root DATA --device cuda")
+                extra = "" if method == "dsa" else " --no-dsa"
+                lines.append(f"ddkit evaluate {out} --runs 5 --epochs {epochs}{extra}   "
+                             f"# paper: {PAPER[(method, ds)][(1, 10, 50).index(ipc)]}")
+    lines.append("```")
+    text = "\n".join(lines) + "\n"
+    if args.write:
+        (ROOT / "RESULTS_dc.md").write_text(text)
+    print(text)
+    return {"written": bool(args.write)}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("speed", "accuracy", "micro"):
+        p = sub.add_parser(name)
+        p.add_argument("--method", default="dc", choices=("dc", "dsa"))
+        p.add_argument("--ipc", type=int, default=1)
+        p.add_argument("--iters", type=int, default=10)
+        p.add_argument("--variant", default="fast", choices=("fast", "naive"))
+        p.add_argument("--set", action="append", default=[], help="config override field=value")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--data", default=DATA)
+        p.add_argument("--tag", default="")
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--only", default="")
+        p.add_argument("--runs", type=int, default=2)
+        p.add_argument("--epochs", type=int, default=300)
+        p.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser("report")
+    rep.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    out = {"speed": cmd_speed, "accuracy": cmd_accuracy, "micro": cmd_micro, "report": cmd_report}[args.cmd](args)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

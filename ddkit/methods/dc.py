@@ -1,0 +1,327 @@
+"""DC and DSA: dataset condensation by per-class gradient matching.
+
+- ``dc``: Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021.
+- ``dsa``: Zhao & Bilen, "Dataset Condensation with Differentiable Siamese Augmentation", ICML 2021: DC with
+  the same augmentation applied to the real and the synthetic images of a class, also while the network trains.
+
+One engine iteration is one official *outer iteration* (``main.py``, ``for it in range(Iteration)``): a freshly
+initialised network, then ``outer_loop`` times: match the per-class gradients of the real and the synthetic
+images (one SGD step on the images), and, except after the last of them, train the network for
+``inner_loop`` epochs on the (detached) synthetic set.  Sources and every default: anchors.md §2.1/§2.2, and
+``VICO-UoE/DatasetCondensation`` ``main.py``/``utils.py`` (``match_loss``, ``distance_wb``, ``get_loops``,
+``epoch``).
+
+What differs from the official code, and why the result is the same:
+
+- The official code runs one forward and backward per class for the real images and another, with a graph,
+  for the synthetic ones.  Here the per-class gradients of all classes come from ``vmap(grad(...))`` over a
+  class axis (:mod:`ddkit.functional.pergrad`), the real ones without a graph and in chunks that bound memory
+  (and stay in cache on CPU).  Samples are independent in these networks (batch norm is in eval mode with
+  frozen statistics while matching, as in the paper), so this is the same computation;
+  ``tests/test_pergrad.py`` and ``tests/test_dc.py`` check gradients, loss and the image gradient against the
+  official per-class formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm,
+  InstanceNorm modules) fall back to the per-class loop for the synthetic side.
+- Gradients of 1-D parameters are not computed for the ``ours`` distance, which gives them weight 0.
+- ``get_loops`` exits for an IPC outside {1, 10, 20, 30, 40, 50}; :func:`dc_loops` extends the table with a
+  documented rule instead.
+- All randomness (network initialisation, real batches, augmentation) comes from the run's generator; the
+  official DSA reseeds the global RNG from the wall clock.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..augment import DSA
+from ..data.realdata import RealData
+from ..errors import ConfigError
+from ..evaluation.train import train_model
+from ..functional.distances import check_distance, contributes, match_distance
+from ..functional.pergrad import (
+    ParamDict,
+    batching_is_exact,
+    class_labels,
+    pad_classes,
+    per_class_grads,
+    per_class_grads_loop,
+    split_parameters,
+)
+from ..registry import METHODS
+from ..synthetic import SyntheticSet
+from .base import DistillConfig, Distiller
+from .dm import augment_by_class, resolve_dsa, sample_class_params, sample_per_class
+
+#: ``get_loops`` (utils.py): IPC -> (outer_loop, inner_loop), "empirically good" values of the authors.
+OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
+                                              50: (50, 10)}
+
+#: Real images per forward/backward pass on CPU (all classes together).  Small passes keep the first
+#: stage's activations (128 x 32 x 32 floats per 28x28 image) in cache; see benchmarks/bench_dc.py.
+CPU_REAL_CHUNK = 80
+
+GRAD_MODES = ("auto", "batched", "loop")
+
+
+def dc_loops(ipc: int) -> tuple[int, int]:
+    """``(outer_loop, inner_loop)`` for any IPC: the official table where it has the IPC, else a rule.
+
+    The table has ``outer_loop = ipc`` throughout and ``outer_loop * inner_loop`` close to 500 network epochs
+    per outer iteration (500, 500, 600, 600, 500).  The rule keeps ``outer_loop = ipc`` and
+    - 1 < IPC < 10: ``inner_loop = 50``, the value at IPC 10 (IPC 1's inner loop never runs, because the last
+      outer step skips the network update, so there is nothing to interpolate from below);
+    - 10 < IPC < 50: linear interpolation between the neighbouring table entries, rounded half up;
+    - IPC > 50: ``500 / ipc`` rounded half up, at least 1 (the table's budget of about 500 epochs; 10 at IPC 50).
+    """
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ConfigError(f"ipc must be a positive integer, got {ipc!r}")
+    if ipc in OFFICIAL_LOOPS:
+        return OFFICIAL_LOOPS[ipc]
+    if ipc < 10:
+        return ipc, OFFICIAL_LOOPS[10][1]
+    if ipc < 50:
+        lo = max(k for k in OFFICIAL_LOOPS if k < ipc)
+        hi = min(k for k in OFFICIAL_LOOPS if k > ipc)
+        a, b = OFFICIAL_LOOPS[lo][1], OFFICIAL_LOOPS[hi][1]
+        return ipc, math.floor(a + (b - a) * (ipc - lo) / (hi - lo) + 0.5)
+    return ipc, max(1, math.floor(500 / ipc + 0.5))
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass
+class DCConfig(DistillConfig):
+    """DC options; defaults are ``main.py``'s argparse defaults (``--method DC``) unless stated."""
+
+    model: str = "convnet"  # --model ConvNet
+    init: str = "noise"  # --init noise
+    iterations: int = 1000  # --Iteration 1000
+    lr_img: float = 0.1  # --lr_img 0.1 (README: use 0.01 for MLP: --set method.lr_img=0.01)
+    momentum_img: float = 0.5  # optimizer_img = SGD([image_syn], lr_img, momentum=0.5)
+    lr_net: float = 0.01  # --lr_net 0.01; optimizer_net = SGD(net.parameters(), lr_net), no momentum
+    batch_real: int = 256  # --batch_real 256 real images per class per matching step
+    batch_train: int = 256  # --batch_train 256 for the inner network epochs
+    outer_loop: int = 0  # 0: from the IPC (dc_loops)
+    inner_loop: int = 0  # 0: from the IPC (dc_loops)
+    distance: str = "ours"  # --dis_metric ours | mse | cos
+    #: DSA strategy: "none" for DC; None = the dataset's (DSA README: no flip for MNIST/SVHN)
+    dsa_strategy: str | None = "none"
+    bn_images_per_class: int = 16  # BNSizePC: real images per class that set frozen batch-norm statistics
+    #: per-class gradients: "batched" (vmap over classes), "loop" (per class), "auto" (batched where exact)
+    grad_mode: str = "auto"
+    #: real images per pass (all classes together); 0 = automatic (CPU_REAL_CHUNK on CPU, all on accelerators)
+    real_chunk: int = 0
+    channels_last: bool = False  # run the network in channels-last layout
+
+
+@dataclass
+class DSAConfig(DCConfig):
+    """DSA options: DC's plus siamese augmentation (``--method DSA --init real --dsa_strategy ...``)."""
+
+    init: str = "real"  # the DSA commands in the README use --init real
+    dsa_strategy: str | None = None  # the dataset's strategy (README: color_crop_cutout_flip_scale_rotate,
+    #                                   no flip for MNIST/SVHN)
+
+
+# ------------------------------------------------------------------------------------------------- the objective
+def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tensor, weights: Tensor, *,
+                mode: str, second_order: bool, chunk: int | None) -> ParamDict:
+    """Per-class gradients ``[K, ...]`` of the mean cross-entropy of ``images[k]`` (``[K, n, ...]``) for label k.
+
+    ``mode`` picks the formulation (both exact; "auto" = batched unless :func:`batching_is_exact` says no);
+    ``chunk`` is the number of images per pass over all classes (``None``: everything at once).
+    """
+    k, n = images.shape[:2]
+    labels = class_labels(k, n, images.device)
+    exact = batching_is_exact(net, second_order)
+    if mode == "batched" and not exact:
+        raise ConfigError("grad_mode 'batched' is not exact for this network (train-mode batch norm, or a "
+                          "LayerNorm/InstanceNorm layer on the synthetic side); use 'auto' or 'loop'")
+    if mode == "loop" or (mode == "auto" and not exact):
+        return per_class_grads_loop(net, diff, const, images, labels, weights, sample_chunk=chunk,
+                                    create_graph=second_order)
+    per_class = None if chunk is None else max(1, chunk // k)
+    return per_class_grads(net, diff, const, images, labels, weights, sample_chunk=per_class)
+
+
+def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tensor, syn_images: Tensor,
+                        syn_weights: Tensor, *, distance: str = "ours", mode: str = "auto",
+                        real_chunk: int | None = None) -> Tensor:
+    """``sum_c D(grad L(real_c), grad L(syn_c))``, differentiable in ``syn_images``.
+
+    Images are ``[K, n, ...]`` class blocks (already augmented), weights ``[K, n]`` (0 = padding).  The real
+    gradients are constants (official: ``gw_real = [g.detach().clone() ...]``) and are computed without a graph.
+    """
+    diff, const = split_parameters(net, lambda name, p: contributes(tuple(p.shape), distance))
+    with torch.no_grad():
+        g_real = class_grads(net, diff, const, real_images, real_weights, mode=mode, second_order=False,
+                             chunk=real_chunk)
+    g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=mode, second_order=True, chunk=None)
+    return match_distance(g_real, g_syn, distance)
+
+
+def blocks(images: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Class-major rows ``[N, ...]`` with class ids ``row_class`` (CPU) as ``[K, n, ...]`` blocks and weights.
+
+    A plain ``view`` when the rows are sorted by class in equal counts (the usual case); otherwise a gather
+    and zero padding with weight 0.  Differentiable in ``images`` either way.
+    """
+    counts = torch.bincount(row_class, minlength=num_classes)
+    n = int(counts[0])
+    sorted_equal = bool((counts == n).all()) and bool((row_class[1:] >= row_class[:-1]).all())
+    if sorted_equal and n > 0:
+        w = torch.ones(num_classes, n, dtype=images.dtype, device=images.device)
+        return images.view(num_classes, n, *images.shape[1:]), w
+    pieces = [images[torch.nonzero(row_class == c).flatten().to(images.device)] for c in range(num_classes)]
+    return pad_classes(pieces)
+
+
+def freeze_batchnorm(net: nn.Module, real: RealData, per_class: int, generator: torch.Generator,
+                     device: torch.device) -> None:
+    """Official BN handling: one train-mode forward of ``per_class`` real images per class updates the running
+    statistics, then every batch-norm layer goes to eval mode (so matching sees frozen statistics)."""
+    batch = sample_per_class(real, per_class, generator, device)
+    net.train()
+    with torch.no_grad():
+        net(batch.images.to(next(net.parameters()).dtype))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def uses_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+# ------------------------------------------------------------------------------------------------------- method
+class DCDistiller(Distiller):
+    """Gradient matching with per-class gradients (``ddkit distill --method dc``)."""
+
+    name: ClassVar[str] = "dc"
+    Config: ClassVar[type[DistillConfig]] = DCConfig
+
+    def __init__(self, config: DCConfig | None = None, *, device: str | torch.device = "cpu") -> None:
+        super().__init__(config, device=device)
+        self.aug: DSA = DSA.from_strategy(None)
+        self.loops: tuple[int, int] = (1, 1)
+        self._syn_row_class: Tensor | None = None
+
+    @classmethod
+    def default_config(cls, dataset: str, ipc: int) -> DCConfig:
+        """``main.py`` defaults; the loops follow the IPC at setup (``dc_loops``)."""
+        return cls.Config()  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> None:
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        self._validate(cfg, syn)
+        super().setup(real, syn, generator)
+        self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
+        outer, inner = dc_loops(syn.ipc)
+        self.loops = (cfg.outer_loop or outer, cfg.inner_loop or inner)
+        self._syn_row_class = syn.hard_labels().long().cpu()
+
+    @staticmethod
+    def _validate(cfg: DCConfig, syn: SyntheticSet) -> None:
+        check_distance(cfg.distance)
+        if cfg.grad_mode not in GRAD_MODES:
+            raise ConfigError(f"grad_mode must be one of {', '.join(GRAD_MODES)}, got {cfg.grad_mode!r}")
+        if cfg.soft_labels or cfg.learn_labels or syn.is_soft:
+            raise ConfigError("dc/dsa match gradients of hard-label classes; soft or learned labels are not supported")
+        for field in ("batch_real", "batch_train", "bn_images_per_class"):
+            if getattr(cfg, field) < 1:
+                raise ConfigError(f"{field} must be >= 1, got {getattr(cfg, field)}")
+        for field in ("outer_loop", "inner_loop", "real_chunk"):
+            if getattr(cfg, field) < 0:
+                raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
+
+    def real_chunk(self) -> int | None:
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        if cfg.real_chunk > 0:
+            return cfg.real_chunk
+        return CPU_REAL_CHUNK if self.device.type == "cpu" else None
+
+    # ------------------------------------------------------------------ one outer iteration
+    def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
+        assert self.optimizer is not None, "setup() must run before step()"
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        outer, inner = self.loops
+        net = self.new_network(real, generator).to(dtype=syn.images.dtype).train()
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        total, t_match, t_net = 0.0, 0.0, 0.0
+        for ol in range(outer):
+            t0 = time.perf_counter()
+            if uses_batchnorm(net):
+                freeze_batchnorm(net, real, cfg.bn_images_per_class, generator, self.device)
+            loss = self.matching_loss(net, real, syn, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            t1 = time.perf_counter()
+            t_match += t1 - t0
+            if ol == outer - 1:  # official: the last outer step skips the network update
+                break
+            self.train_network(net, syn, inner, generator)
+            t_net += time.perf_counter() - t1
+        # official log: loss_avg /= (num_classes * outer_loop)
+        return {"loss": total / (real.num_classes * outer), "seconds_match": t_match, "seconds_inner": t_net}
+
+    def matching_loss(self, net: nn.Module, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> Tensor:
+        """Draw the real batch and the siamese parameters of every class; return the summed matching loss."""
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        assert self._syn_row_class is not None, "setup() must run first"
+        k = real.num_classes
+        dtype = syn.images.dtype
+        batch = sample_per_class(real, cfg.batch_real, generator, self.device)
+        params = sample_class_params(self.aug, k, generator, self.device)
+        with torch.no_grad():
+            real_x = augment_by_class(self.aug, batch.images.to(dtype), batch.row_class, params)
+        syn_x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
+        real_b, real_w = blocks(self._layout(real_x), batch.row_class, k)
+        syn_b, syn_w = blocks(self._layout(syn_x), self._syn_row_class, k)
+        return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, mode=cfg.grad_mode,
+                                   real_chunk=self.real_chunk())
+
+    def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator) -> None:
+        """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
+        detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        train_model(
+            net,
+            self._layout(syn.images.detach()),
+            syn.hard_labels(),
+            epochs=epochs,
+            lr=cfg.lr_net,
+            generator=generator,
+            momentum=0.0,
+            weight_decay=0.0,
+            batch_size=cfg.batch_train,
+            decay_at_half=False,
+            augment=None if self.aug.is_identity else self.aug,
+        )
+
+    def _layout(self, x: Tensor) -> Tensor:
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        if cfg.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def state_dict(self) -> dict[str, Any]:
+        """Only the image optimizer carries state: the network is re-drawn from the generator every iteration."""
+        return super().state_dict()
+
+
+class DSADistiller(DCDistiller):
+    """DC with differentiable siamese augmentation (``ddkit distill --method dsa``)."""
+
+    name: ClassVar[str] = "dsa"
+    Config: ClassVar[type[DistillConfig]] = DSAConfig
+
+
+METHODS.register("dc", obj=DCDistiller)
+METHODS.register("dsa", obj=DSADistiller)
