@@ -140,14 +140,15 @@ def test_resume_is_exact(digits, tmp_path):
 
 
 def test_cafe_learns_on_digits(digits):
-    """A short run beats its own initialisation under the same seeded evaluation."""
+    """A short run (one outer iteration, capped loops) beats its noise initialisation (CAFE's default init)."""
     from ddkit.evaluation import EvalProtocol, evaluate
 
-    protocol = EvalProtocol(runs=3, epochs=150, dsa=False)
+    protocol = EvalProtocol(runs=3, epochs=100, dsa=False)
     syn = SyntheticSet.from_real(digits, 1, make_generator(0, "init"), init="noise")
     before = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     d = create_distiller("cafe", dataset="digits", ipc=1)
-    d.config.max_inner_epochs = 20
-    distill(d, digits, syn, iterations=3, seed=0)
+    for key, value in dict(batch_real=64, watch_per_class=16, max_updates=5, max_inner_epochs=5).items():
+        setattr(d.config, key, value)
+    distill(d, digits, syn, iterations=1, seed=0)
     after = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
-    assert after - before > 20.0, (before, after)
+    assert after - before > 30.0, (before, after)

@@ -60,9 +60,14 @@ from .dm import augment_by_class, resolve_dsa, sample_class_params, sample_per_c
 OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
                                               50: (50, 10)}
 
-#: Real images per forward/backward pass on CPU (all classes together).  Small passes keep the first
-#: stage's activations (128 x 32 x 32 floats per 28x28 image) in cache; see benchmarks/bench_dc.py.
-CPU_REAL_CHUNK = 80
+#: CPU: input pixels per forward/backward pass (16 Fashion-MNIST images).  Small passes keep a pass's activations
+#: (128 x 32 x 32 floats per 28x28 image after the first conv of ConvNet-3) in cache; measured on 2 cores
+#: (benchmarks/bench_dc.py) 16-32 images per pass beat the official 256.  Accelerators use one pass.
+CPU_CHUNK_PIXELS = 16 * 28 * 28
+
+#: CPU: synthetic images per class up to which the synthetic side is batched over classes with vmap; above it the
+#: per-class loop was faster on 2 cores (IPC 1: batched 0.35 vs loop 0.55 CPU-s; IPC 10: 4.3 vs 3.2).
+CPU_BATCHED_SYN_MAX = 4
 
 GRAD_MODES = ("auto", "batched", "loop")
 
@@ -110,10 +115,14 @@ class DCConfig(DistillConfig):
     #: DSA strategy: "none" for DC; None = the dataset's (DSA README: no flip for MNIST/SVHN)
     dsa_strategy: str | None = "none"
     bn_images_per_class: int = 16  # BNSizePC: real images per class that set frozen batch-norm statistics
-    #: per-class gradients: "batched" (vmap over classes), "loop" (per class), "auto" (batched where exact)
+    #: per-class gradients: "batched" (vmap over classes), "loop" (per class), or "auto": the faster exact one
+    #: (accelerators: batched; CPU: loop for the real side, batched for small synthetic classes)
     grad_mode: str = "auto"
-    #: real images per pass (all classes together); 0 = automatic (CPU_REAL_CHUNK on CPU, all on accelerators)
+    #: real images per forward/backward pass; 0 = automatic (CPU_CHUNK_PIXELS on CPU, all on accelerators)
     real_chunk: int = 0
+    #: images per forward in the inner network updates (same gradient, smaller passes); 0 = automatic (as
+    #: real_chunk; never for train-mode batch norm, whose statistics need the whole batch)
+    inner_chunk: int = 0
     channels_last: bool = False  # run the network in channels-last layout
 
 
@@ -131,16 +140,13 @@ def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tenso
                 mode: str, second_order: bool, chunk: int | None) -> ParamDict:
     """Per-class gradients ``[K, ...]`` of the mean cross-entropy of ``images[k]`` (``[K, n, ...]``) for label k.
 
-    ``mode`` picks the formulation (both exact; "auto" = batched unless :func:`batching_is_exact` says no);
-    ``chunk`` is the number of images per pass over all classes (``None``: everything at once).
+    ``mode`` is "batched" (``vmap`` over classes) or "loop" (per class), both exact; "batched" falls back to
+    the loop where :func:`batching_is_exact` says it would not be.  ``chunk`` is the number of images per
+    forward/backward pass (loop: within a class; batched: over all classes), ``None`` for one pass.
     """
     k, n = images.shape[:2]
     labels = class_labels(k, n, images.device)
-    exact = batching_is_exact(net, second_order)
-    if mode == "batched" and not exact:
-        raise ConfigError("grad_mode 'batched' is not exact for this network (train-mode batch norm, or a "
-                          "LayerNorm/InstanceNorm layer on the synthetic side); use 'auto' or 'loop'")
-    if mode == "loop" or (mode == "auto" and not exact):
+    if mode == "loop" or not batching_is_exact(net, second_order):
         return per_class_grads_loop(net, diff, const, images, labels, weights, sample_chunk=chunk,
                                     create_graph=second_order)
     per_class = None if chunk is None else max(1, chunk // k)
@@ -148,8 +154,8 @@ def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tenso
 
 
 def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tensor, syn_images: Tensor,
-                        syn_weights: Tensor, *, distance: str = "ours", mode: str = "auto",
-                        real_chunk: int | None = None) -> Tensor:
+                        syn_weights: Tensor, *, distance: str = "ours", real_mode: str = "batched",
+                        syn_mode: str = "batched", real_chunk: int | None = None) -> Tensor:
     """``sum_c D(grad L(real_c), grad L(syn_c))``, differentiable in ``syn_images``.
 
     Images are ``[K, n, ...]`` class blocks (already augmented), weights ``[K, n]`` (0 = padding).  The real
@@ -157,10 +163,28 @@ def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tenso
     """
     diff, const = split_parameters(net, lambda name, p: contributes(tuple(p.shape), distance))
     with torch.no_grad():
-        g_real = class_grads(net, diff, const, real_images, real_weights, mode=mode, second_order=False,
+        g_real = class_grads(net, diff, const, real_images, real_weights, mode=real_mode, second_order=False,
                              chunk=real_chunk)
-    g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=mode, second_order=True, chunk=None)
+    g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=syn_mode, second_order=True, chunk=None)
     return match_distance(g_real, g_syn, distance)
+
+
+class ChunkedForward(nn.Module):
+    """``net`` applied to consecutive chunks of the batch, outputs concatenated.
+
+    The same function as ``net`` when samples are independent (no train-mode batch norm), so training through
+    it takes the same SGD steps, while each operation works on a cache-sized tensor (faster on CPU).
+    """
+
+    def __init__(self, net: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.net = net
+        self.chunk = int(chunk)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] <= self.chunk:
+            return self.net(x)
+        return torch.cat([self.net(part) for part in x.split(self.chunk)])
 
 
 def blocks(images: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -234,15 +258,26 @@ class DCDistiller(Distiller):
         for field in ("batch_real", "batch_train", "bn_images_per_class"):
             if getattr(cfg, field) < 1:
                 raise ConfigError(f"{field} must be >= 1, got {getattr(cfg, field)}")
-        for field in ("outer_loop", "inner_loop", "real_chunk"):
+        for field in ("outer_loop", "inner_loop", "real_chunk", "inner_chunk"):
             if getattr(cfg, field) < 0:
                 raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
 
-    def real_chunk(self) -> int | None:
+    def chunk_images(self, requested: int, image_shape: tuple[int, ...]) -> int | None:
+        """Images per pass: the request, else a pixel budget on CPU and one pass on accelerators."""
+        if requested > 0:
+            return requested
+        if self.device.type != "cpu":
+            return None
+        return max(1, CPU_CHUNK_PIXELS // max(1, image_shape[-1] * image_shape[-2]))
+
+    def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
+        """(real side, synthetic side) formulation for ``grad_mode``; "auto" picks the faster one measured."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        if cfg.real_chunk > 0:
-            return cfg.real_chunk
-        return CPU_REAL_CHUNK if self.device.type == "cpu" else None
+        if cfg.grad_mode != "auto":
+            return cfg.grad_mode, cfg.grad_mode
+        if self.device.type != "cpu":
+            return "batched", "batched"
+        return "loop", "batched" if syn_per_class <= CPU_BATCHED_SYN_MAX else "loop"
 
     # ------------------------------------------------------------------ one outer iteration
     def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
@@ -284,15 +319,18 @@ class DCDistiller(Distiller):
         syn_x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
         real_b, real_w = blocks(self._layout(real_x), batch.row_class, k)
         syn_b, syn_w = blocks(self._layout(syn_x), self._syn_row_class, k)
-        return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, mode=cfg.grad_mode,
-                                   real_chunk=self.real_chunk())
+        real_mode, syn_mode = self.grad_modes(syn_b.shape[1])
+        return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
+                                   syn_mode=syn_mode, real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape))
 
     def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator) -> None:
         """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
         detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
+        chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]))
+        model = net if chunk is None or uses_batchnorm(net) else ChunkedForward(net, chunk)
         train_model(
-            net,
+            model,
             self._layout(syn.images.detach()),
             syn.hard_labels(),
             epochs=epochs,
