@@ -14,13 +14,17 @@ images (one SGD step on the images), and, except after the last of them, train t
 What differs from the official code, and why the result is the same:
 
 - The official code runs one forward and backward per class for the real images and another, with a graph,
-  for the synthetic ones.  Here the per-class gradients of all classes come from ``vmap(grad(...))`` over a
-  class axis (:mod:`ddkit.functional.pergrad`), the real ones without a graph and in chunks that bound memory
-  (and stay in cache on CPU).  Samples are independent in these networks (batch norm is in eval mode with
-  frozen statistics while matching, as in the paper), so this is the same computation;
-  ``tests/test_pergrad.py`` and ``tests/test_dc.py`` check gradients, loss and the image gradient against the
-  official per-class formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm,
-  InstanceNorm modules) fall back to the per-class loop for the synthetic side.
+  for the synthetic ones.  Here samples are independent (instance/group/layer/no norm; batch norm is in eval
+  mode with frozen statistics while matching, as in the paper), which allows two exact rewrites
+  (:mod:`ddkit.functional.pergrad`): the per-class gradients of all classes from one ``vmap(grad(...))`` over a
+  class axis, and each class's gradient accumulated over small chunks of its batch.  ``grad_mode='auto'``
+  takes the faster one per side and device: on accelerators everything batched in one pass; on CPU (where
+  batching buys little and cache-sized passes buy more) the real side per class in chunks of about 16
+  Fashion-MNIST images, the synthetic side batched for small classes.  The inner network epochs likewise run
+  the forward in chunks (:class:`ChunkedForward`, the same SGD step).  ``tests/test_pergrad.py`` and
+  ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
+  formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm, InstanceNorm modules)
+  use the per-class loop on the synthetic side.
 - Gradients of 1-D parameters are not computed for the ``ours`` distance, which gives them weight 0.
 - ``get_loops`` exits for an IPC outside {1, 10, 20, 30, 40, 50}; :func:`dc_loops` extends the table with a
   documented rule instead.
