@@ -18,9 +18,9 @@ What differs from the official code, and why the result is the same:
   mode with frozen statistics while matching, as in the paper), which allows two exact rewrites
   (:mod:`ddkit.functional.pergrad`): the per-class gradients of all classes from one ``vmap(grad(...))`` over a
   class axis, and each class's gradient accumulated over small chunks of its batch.  ``grad_mode='auto'``
-  takes the faster one per side and device: on accelerators everything batched in one pass; on CPU (where
-  batching buys little and cache-sized passes buy more) the real side per class in chunks of about 16
-  Fashion-MNIST images, the synthetic side batched for small classes.  The inner network epochs likewise run
+  takes the faster one per side and device: on accelerators everything batched (passes of up to 2560
+  CIFAR-sized images); on CPU (where batching buys little and cache-sized passes buy more) the real side per
+  class in chunks of about 16 Fashion-MNIST images, the synthetic side batched for small classes.  The inner network epochs likewise run
   the forward in chunks (:class:`ChunkedForward`, the same SGD step).  ``tests/test_pergrad.py`` and
   ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
   formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm, InstanceNorm modules)
@@ -68,6 +68,10 @@ OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 
 #: (128 x 32 x 32 floats per 28x28 image after the first conv of ConvNet-3) in cache; measured on 2 cores
 #: (benchmarks/bench_dc.py) 16-32 images per pass beat the official 256.  Accelerators use one pass.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
+
+#: Accelerators: input pixels per batched pass (all CIFAR-10 classes x 256 real images at once); bounds memory
+#: for many classes (CIFAR-100: ten passes of 25 images per class) without costing speed on 10 classes.
+ACCEL_CHUNK_PIXELS = 2560 * 32 * 32
 
 #: CPU: synthetic images per class up to which the synthetic side is batched over classes with vmap; above it the
 #: per-class loop was faster on 2 cores (IPC 1: batched 0.35 vs loop 0.55 CPU-s; IPC 10: 4.3 vs 3.2).
@@ -122,7 +126,7 @@ class DCConfig(DistillConfig):
     #: per-class gradients: "batched" (vmap over classes), "loop" (per class), or "auto": the faster exact one
     #: (accelerators: batched; CPU: loop for the real side, batched for small synthetic classes)
     grad_mode: str = "auto"
-    #: real images per forward/backward pass; 0 = automatic (CPU_CHUNK_PIXELS on CPU, all on accelerators)
+    #: real images per forward/backward pass; 0 = automatic (CPU_CHUNK_PIXELS / ACCEL_CHUNK_PIXELS)
     real_chunk: int = 0
     #: images per forward in the inner network updates (same gradient, smaller passes); 0 = automatic (as
     #: real_chunk; never for train-mode batch norm, whose statistics need the whole batch)
@@ -267,12 +271,11 @@ class DCDistiller(Distiller):
                 raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
 
     def chunk_images(self, requested: int, image_shape: tuple[int, ...]) -> int | None:
-        """Images per pass: the request, else a pixel budget on CPU and one pass on accelerators."""
+        """Images per pass: the request, else a pixel budget (small on CPU, large on accelerators)."""
         if requested > 0:
             return requested
-        if self.device.type != "cpu":
-            return None
-        return max(1, CPU_CHUNK_PIXELS // max(1, image_shape[-1] * image_shape[-2]))
+        budget = CPU_CHUNK_PIXELS if self.device.type == "cpu" else ACCEL_CHUNK_PIXELS
+        return max(1, budget // max(1, image_shape[-1] * image_shape[-2]))
 
     def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
         """(real side, synthetic side) formulation for ``grad_mode``; "auto" picks the faster one measured."""
