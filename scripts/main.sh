@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/digits_dm_ipc10}"
 .venv/bin/ddkit distill --method dm --dataset digits --ipc 10 --iterations 150 --seed 0 --out "$OUT" --set method.batch_real=64
 .venv/bin/ddkit distill --method random --dataset digits --ipc 10 --seed 0 --out "$OUT-random" --no-progress
-echo "== random real images (the DM initialisation), 3 ConvNets x 300 epochs =="
+echo "== random real images (the kind of set DM starts from), 3 ConvNets x 300 epochs =="
 .venv/bin/ddkit evaluate "$OUT-random" --runs 3 --epochs 300 --json "$OUT-random/eval.json"
 echo "== DM, 150 iterations (64 real images per class per iteration), 3 ConvNets x 300 epochs =="
 .venv/bin/ddkit evaluate "$OUT" --runs 3 --epochs 300 --json "$OUT/eval.json"
