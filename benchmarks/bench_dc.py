@@ -188,11 +188,16 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         syn = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"), init=d.config.init)
         out["before"] = evaluate(syn, real, protocol, seed=args.seed).summary()["convnet"]
     elif args.phase == "distill":
+        # resumable in pieces of --piece iterations, so that each command stays within its time budget
+        done = int(out.get("done", 0))
+        stop = args.iters if args.piece <= 0 else min(args.iters, done + args.piece)
         syn = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"), init=d.config.init)
         t0 = time.perf_counter()
-        distill(d, real, syn, iterations=args.iters, seed=args.seed)
-        out["distill_s"] = time.perf_counter() - t0
-        syn.save(folder)
+        distill(d, real, syn, iterations=stop, seed=args.seed, checkpoint_dir=folder / "ckpt", resume=done > 0)
+        out["distill_s"] = out.get("distill_s", 0.0) + time.perf_counter() - t0
+        out["done"] = stop
+        if stop == args.iters:
+            syn.save(folder)
     else:
         syn = SyntheticSet.load(folder)
         out["after"] = evaluate(syn, real, protocol, seed=args.seed).summary()["convnet"]
@@ -310,7 +315,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
             b, a = r["before"], r["after"]
             lines.append(f"| {r['method']} | {r['ipc']} | {r['init']} | {r['iterations']} | "
                          f"{b['mean']:.2f} ± {b['std']:.2f} | {a['mean']:.2f} ± {a['std']:.2f} | "
-                         f"{r['distill_s'] / 60:.1f} min |")
+                         f"{r.get('distill_s', float('nan')) / 60:.1f} min |")
     micro = [r for k, r in results.items() if k.startswith("micro_")]
     for r in micro:
         lines += ["", f"Formulations of one matching step (IPC {r['ipc']}, median of {r['rounds']} interleaved "
@@ -370,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--epochs", type=int, default=300)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--phase", default="init", choices=("init", "distill", "final"))
+        p.add_argument("--piece", type=int, default=0, help="accuracy --phase distill: iterations per command")
     rep = sub.add_parser("report")
     rep.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
