@@ -22,14 +22,17 @@ and why it is the same objective:
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..augment import DEFAULT_STRATEGY, DSA
 from ..data.realdata import RealData
+from ..errors import ConfigError
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -66,8 +69,12 @@ class DMConfig(DistillConfig):
     #: real images per no-grad forward chunk; 0 = automatic (CPU_REAL_CHUNK on CPU, everything at once on
     #: accelerators).  Ignored for batch-norm embedders, whose statistics need the whole real batch.
     real_chunk: int = 0
-    #: run the embedder in channels-last layout (faster convolutions on CPU with oneDNN)
-    channels_last: bool = True
+    #: run the embedder in channels-last layout (measured slower on CPU: GroupNorm has no fast NHWC kernel)
+    channels_last: bool = False
+    #: compile the no-grad real-image forward with torch.compile: "auto" (on for CPU runs of >= 1000
+    #: iterations in float32, where the one-off compile time is amortised), "on" or "off".  The synthetic
+    #: branch, which needs gradients, always runs eagerly.
+    compile: str = "auto"
 
 
 # --------------------------------------------------------------------------------------- helpers shared with CAFE
@@ -202,6 +209,57 @@ def frozen_embedder(distiller: Distiller, real: RealData, generator: torch.Gener
     return net.train()
 
 
+class RealEncoder:
+    """The no-grad real branch's forward, through one persistent and (optionally) compiled embedder.
+
+    Each iteration's fresh network is copied into the persistent module in place, so one compiled graph serves
+    the whole run (compiling a new module every iteration would recompile every time).  On CPU the compiled
+    forward fuses normalisation, activation and pooling into the passes around each convolution, which is
+    where the eager forward spends half of its time (benchmarks/RESULTS_dm_cafe.md).  Any compile failure
+    (e.g. no C++ compiler) falls back to the eager forward with a warning.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.module: nn.Module | None = None
+        self._compiled: Callable[[Tensor], Tensor] | None = None
+
+    def bind(self, net: nn.Module) -> Callable[[Tensor], Tensor]:
+        """A features function with ``net``'s parameters."""
+        if not self.enabled:
+            return net.features
+        if self.module is None or type(self.module) is not type(net):
+            self.module = copy.deepcopy(net)
+            self._compiled = torch.compile(self.module.features, dynamic=False)
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(self.module.state_dict().values(), net.state_dict().values()):
+                    mine.copy_(theirs)
+            self.module.train(net.training)
+        return self._forward
+
+    def _forward(self, x: Tensor) -> Tensor:
+        assert self.module is not None and self._compiled is not None
+        if self.enabled:
+            try:
+                return self._compiled(x)
+            except Exception as exc:  # compiler missing or unsupported op: keep going eagerly
+                warnings.warn(f"torch.compile failed for the real-image forward ({type(exc).__name__}: {exc}); "
+                              "falling back to eager mode", RuntimeWarning, stacklevel=2)
+                self.enabled = False
+        return self.module.features(x)
+
+
+def compile_enabled(mode: str, device: torch.device, dtype: torch.dtype, iterations: int) -> bool:
+    """Resolve the ``compile`` option ("auto" | "on" | "off")."""
+    mode = str(mode).lower()
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"compile must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode == "auto":
+        return device.type == "cpu" and dtype == torch.float32 and iterations >= 1000
+    return mode == "on"
+
+
 # ------------------------------------------------------------------------------------------------------- method
 @dataclass
 class _Draw:
@@ -221,6 +279,7 @@ class DMDistiller(Distiller):
     def __init__(self, config: DMConfig | None = None, *, device: str | torch.device = "cpu") -> None:
         super().__init__(config, device=device)
         self.aug: DSA = DSA.from_strategy(None)
+        self.encoder = RealEncoder(False)
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
 
@@ -238,6 +297,7 @@ class DMDistiller(Distiller):
         cfg: DMConfig = self.config  # type: ignore[assignment]
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
+        self.encoder = RealEncoder(compile_enabled(cfg.compile, self.device, syn.images.dtype, cfg.iterations))
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)
@@ -255,8 +315,8 @@ class DMDistiller(Distiller):
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
         chunk = chunk_size(cfg.real_chunk, batch.images.shape[0], self.device, _uses_bn(net))
-        real_means = real_feature_means(net, batch, self.aug, params, real.num_classes, chunk, dtype,
-                                        cfg.channels_last)
+        real_means = real_feature_means(self.encoder.bind(net), batch, self.aug, params, real.num_classes, chunk,
+                                        dtype, cfg.channels_last)
         return _Draw(net, real_means, params)
 
     def syn_means(self, draw: _Draw, images: Tensor, labels: Tensor, row_class: Tensor, num_classes: int) -> Tensor:
@@ -305,8 +365,8 @@ def _uses_bn(net: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def real_feature_means(net: nn.Module, batch: ClassBatch, aug: DSA, params: list[Params], num_classes: int,
-                       chunk: int, dtype: torch.dtype, channels_last: bool) -> Tensor:
+def real_feature_means(features: Callable[[Tensor], Tensor], batch: ClassBatch, aug: DSA, params: list[Params],
+                       num_classes: int, chunk: int, dtype: torch.dtype, channels_last: bool) -> Tensor:
     """Per-class mean embedding of the augmented real batch, computed chunk by chunk without a graph.
 
     Real images are constants of the objective, so nothing about them needs to be kept for backward; summing
@@ -317,7 +377,7 @@ def real_feature_means(net: nn.Module, batch: ClassBatch, aug: DSA, params: list
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         x = augment_by_class(aug, batch.images[start:stop].to(dtype), batch.row_class[start:stop], params)
-        feats = net.features(to_layout(x, channels_last))
+        feats = features(to_layout(x, channels_last))
         if sums is None:
             sums = feats.new_zeros((num_classes, feats.shape[1]))
         sums.index_add_(0, batch.labels[start:stop], feats)
