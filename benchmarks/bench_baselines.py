@@ -33,7 +33,7 @@ def main() -> None:
     from ddkit.api import distill
     from ddkit.evaluation import EvalProtocol, evaluate, evaluate_tensors
 
-    from .common import DEFAULT_DATA, load_results, save_results
+    from .common import DEFAULT_DATA, RESULTS, load_results, save_results
 
     p = argparse.ArgumentParser()
     p.add_argument("--datasets", default="fashion-mnist,mnist")
@@ -70,7 +70,10 @@ def main() -> None:
                 if key in results:
                     continue
                 start = time.perf_counter()
-                opts = {"feature_epochs": args.feature_epochs} if method != "random" else {}
+                opts = {} if method == "random" else {
+                    "feature_epochs": args.feature_epochs,
+                    # one feature network per dataset serves herding and k-center at every IPC
+                    "embedding_cache": str(RESULTS.parent / "_work" / f"embeddings_{ds}_fe{args.feature_epochs}.safetensors")}
                 syn = distill(real, method, ipc=ipc, seed=0, device=args.device, **opts)
                 t_select = time.perf_counter() - start
                 rep = evaluate(syn, real, protocol, seed=0, device=args.device)
@@ -79,6 +82,15 @@ def main() -> None:
                 save_results(args.tag, results)
                 print(key, results[key], flush=True)
     print(markdown(results))
+
+
+def cell(result: dict | None) -> str:
+    """mean ± std with the cell's budget (runs x epochs), or a dash."""
+    from .common import mean_std
+
+    if not result:
+        return "–"
+    return f"{mean_std(result['accs'])} ({result['runs']}x{result['epochs']} ep)"
 
 
 def markdown(results: dict) -> str:
@@ -92,7 +104,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {ds} | whole dataset ({r['epochs']} ep, {r['runs']} run) | {mean_std(r['accs'])} | | | "
                          f"{PAPER.get((ds, 'whole'), '–')} |")
         for method in ("random", "herding", "kcenter"):
-            cells = [mean_std(results.get(f"{ds}/{method}/{i}", {}).get("accs", [])) for i in (1, 10, 50)]
+            cells = [cell(results.get(f"{ds}/{method}/{i}")) for i in (1, 10, 50)]
             paper = PAPER.get((ds, method))
             lines.append(f"| {ds} | {method} | {' | '.join(cells)} | {' / '.join(paper) if paper else '–'} |")
     return "\n".join(lines)

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .common import PAPER_ROWS, peak_rss_mib, save_json
+
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dc"
 DATA = str(ROOT.parent.parent / "shared" / "data")
@@ -37,28 +39,11 @@ REFERENCE = {
     ("dsa", 1): (7.98, 1780),
     ("dsa", 10): (224.0, 2021),
 }
-#: anchors.md section 1b (DC README / DSA README Tab. 2), ConvNet-3, mean of 5 x 20 models.
-PAPER = {
-    ("dc", "mnist"): ("91.7±0.5", "97.4±0.2", "98.8±0.1"),
-    ("dc", "fashion-mnist"): ("70.5±0.6", "82.3±0.4", "83.6±0.4"),
-    ("dc", "cifar10"): ("28.3±0.5", "44.9±0.5", "53.9±0.5"),
-    ("dsa", "mnist"): ("88.7±0.6", "97.8±0.1", "99.2±0.1"),
-    ("dsa", "fashion-mnist"): ("70.6±0.6", "84.6±0.3", "88.7±0.2"),
-    ("dsa", "cifar10"): ("28.8±0.7", "52.1±0.5", "60.6±0.5"),
-}
-
-
-def peak_rss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+PAPER = PAPER_ROWS
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return save_json(WORK, name, data)
 
 
 def load_all() -> dict[str, dict[str, Any]]:
@@ -115,6 +100,9 @@ def make(method: str, ipc: int, variant: str, overrides: dict[str, Any]):
     for k, v in overrides.items():
         setattr(d.config, k, v)
     if variant == "naive":
+        # the official inner loop trains on whole batches (``epoch('train', ...)``, batch 256): no chunking
+        d.config.inner_chunk = d.config.batch_train
+        d.config.compile = "off"
         d = naive_distiller(method, d.config)
     return d
 

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from .common import PAPER_ROWS, peak_rss_mib, save_json
+
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dm_cafe"
 DATA = os.environ.get("DDKIT_DATA", str(ROOT.parent.parent / "shared" / "data"))
@@ -36,29 +38,11 @@ DATA = os.environ.get("DDKIT_DATA", str(ROOT.parent.parent / "shared" / "data"))
 REFERENCE_DM = {1: (2.82, 1489), 10: (2.74, 1530), 50: (4.28, 2077)}
 #: anchors.md section R: official DM, FMNIST IPC 10, 300-epoch evaluation, 2 fresh ConvNets, full test set.
 REFERENCE_ACC = {"init": "75.41 ± 0.54", "after 99 iterations": "80.11 ± 0.10"}
-#: anchors.md section 1b, ConvNet-3 (DM: WACV'23 Tab. 1 / later papers; CAFE: CVPR'22 Tab. 1 / FTD Tab. 1).
-PAPER = {
-    ("dm", "mnist"): ("89.7±0.6", "97.5±0.1", "98.6±0.1"),
-    ("dm", "fashion-mnist"): ("70.7±0.6", "83.5±0.1", "88.1±0.6"),
-    ("dm", "cifar10"): ("26.0±0.8", "48.9±0.6", "63.0±0.4"),
-    ("cafe", "mnist"): ("90.8±0.5", "97.5±0.1", "98.9±0.2"),
-    ("cafe", "fashion-mnist"): ("73.7±0.7", "83.0±0.3", "88.2±0.3"),
-    ("cafe", "cifar10"): ("30.3±1.1", "46.3±0.6", "55.5±0.6"),
-    ("cafe+dsa", "mnist"): ("93.1±0.3", "97.2±0.2", "98.6±0.2"),
-    ("cafe+dsa", "fashion-mnist"): ("77.1±0.9", "83.0±0.4", "84.8±0.4"),
-    ("cafe+dsa", "cifar10"): ("31.6±0.8", "50.9±0.5", "62.3±0.4"),
-}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+PAPER = PAPER_ROWS
 
 
 def save(name: str, data: dict[str, Any]) -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / f"{name}.json"
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return save_json(WORK, name, data)
 
 
 def load(name: str) -> dict[str, Any] | None:

@@ -50,3 +50,32 @@ def mean_std(xs: list[float]) -> str:
     m = statistics.fmean(xs)
     s = statistics.pstdev(xs) if len(xs) > 1 else 0.0
     return f"{m:.1f} ± {s:.1f}"
+
+
+#: Published ConvNet-3 accuracies at IPC 1 / 10 / 50 (anchors.md section 1b): DC README / DSA README Tab. 2,
+#: DM WACV'23 Tab. 1, CAFE CVPR'22 Tab. 1 (CAFE+DSA rows from the same table).
+PAPER_ROWS: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("dc", "mnist"): ("91.7±0.5", "97.4±0.2", "98.8±0.1"),
+    ("dc", "fashion-mnist"): ("70.5±0.6", "82.3±0.4", "83.6±0.4"),
+    ("dc", "cifar10"): ("28.3±0.5", "44.9±0.5", "53.9±0.5"),
+    ("dsa", "mnist"): ("88.7±0.6", "97.8±0.1", "99.2±0.1"),
+    ("dsa", "fashion-mnist"): ("70.6±0.6", "84.6±0.3", "88.7±0.2"),
+    ("dsa", "cifar10"): ("28.8±0.7", "52.1±0.5", "60.6±0.5"),
+    ("dm", "mnist"): ("89.7±0.6", "97.5±0.1", "98.6±0.1"),
+    ("dm", "fashion-mnist"): ("70.7±0.6", "83.5±0.1", "88.1±0.6"),
+    ("dm", "cifar10"): ("26.0±0.8", "48.9±0.6", "63.0±0.4"),
+    ("cafe", "mnist"): ("90.8±0.5", "97.5±0.1", "98.9±0.2"),
+    ("cafe", "fashion-mnist"): ("73.7±0.7", "83.0±0.3", "88.2±0.3"),
+    ("cafe", "cifar10"): ("30.3±1.1", "46.3±0.6", "55.5±0.6"),
+    ("cafe+dsa", "mnist"): ("93.1±0.3", "97.2±0.2", "98.6±0.2"),
+    ("cafe+dsa", "fashion-mnist"): ("77.1±0.9", "83.0±0.4", "84.8±0.4"),
+    ("cafe+dsa", "cifar10"): ("31.6±0.8", "50.9±0.5", "62.3±0.4"),
+}
+
+
+def save_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
+    """Write ``folder/name.json`` atomically (one file per measurement)."""
+    from ddkit.io import atomic_write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(folder / f"{name}.json", data)

@@ -41,3 +41,31 @@ def test_kcenter_covers_better_than_random(digits):
         return worst
 
     assert radius(kc) < radius(rand)
+
+
+def test_embedding_cache_is_reused_and_keyed(digits, tmp_path):
+    """Herding at two IPCs trains the feature network once; changed feature settings recompute."""
+    from ddkit.engine import make_generator
+    from ddkit.errors import ArtifactError
+    from ddkit.methods.coreset import CoresetConfig, Herding
+
+    cache = tmp_path / "emb.safetensors"
+    calls = []
+
+    class Counting(Herding):
+        def compute_embeddings(self, real, generator):
+            calls.append(1)
+            return super().compute_embeddings(real, generator)
+
+    def embed(**kw):
+        d = Counting(CoresetConfig(feature_epochs=0, embedding_cache=str(cache), **kw))
+        return d.embed(digits, make_generator(0, "distill"))
+
+    first = embed()
+    again = embed()
+    assert len(calls) == 1 and torch.equal(first, again) and cache.is_file()
+    embed(feature_model="pixels")
+    assert len(calls) == 2
+    cache.write_bytes(b"not safetensors")
+    with pytest.raises(ArtifactError):
+        embed()

@@ -106,18 +106,24 @@ def test_batchnorm_embedder_mixes_classes(digits):
     assert not torch.equal(before, syn.images.detach())
 
 
-def test_compiled_real_branch_matches_eager(digits):
-    """torch.compile'd real forward (one persistent module refreshed in place) == the eager forward."""
-    syn = _syn(digits, 1)
-    means = []
+def test_compiled_embedder_matches_eager(digits):
+    """torch.compile'd forward (one persistent channels-last module refreshed in place) == the eager forward,
+    for the real means and for the gradient of the loss in the synthetic images."""
+    results = []
     for mode in ("off", "on", "on"):
+        syn = _syn(digits, 1)
         d = DMDistiller(DMConfig(model="convnet_w32", batch_real=32, compile=mode))
         d.setup(digits, syn, make_generator(0))
         g = make_generator(4, "draw")
-        draws = [d.draw(digits, syn, g).real_means for _ in range(2)]  # the 2nd reuses the compiled module
-        means.append(torch.stack(draws))
-    assert torch.allclose(means[0], means[1], rtol=1e-4, atol=1e-4)
-    assert torch.equal(means[1], means[2])
+        means, grads = [], []
+        for _ in range(2):  # the 2nd draw reuses the compiled graphs with the next network's parameters
+            loss, _ = d.loss(0, digits, syn, g)
+            means.append(d.draw(digits, syn, make_generator(5)).real_means)
+            grads.append(torch.autograd.grad(loss, syn.images)[0])
+        results.append((torch.stack(means), torch.stack(grads)))
+    for got, want in zip(results[1], results[0]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
 
 
 def test_defaults_follow_the_official_code():

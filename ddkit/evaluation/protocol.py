@@ -17,6 +17,7 @@ from torch import Tensor
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
+from ..functional.compiled import forward_of, resolve_compile
 from ..models import create_model
 from .report import Report, Row
 from .train import accuracy, train_model
@@ -36,12 +37,21 @@ class EvalProtocol:
     dsa_strategy: str | None = None  # None: the dataset's strategy
     soft_label_loss: str = "soft_ce"
     channels_last: bool = False  # a CPU/GPU speed lever; measured in benchmarks/bench_eval_cost.py
+    #: torch.compile the model's forward: "auto" (on for CPU float32 evaluations of at least
+    #: COMPILE_MIN_PIXEL_STEPS per model, where the ~20 s compile pays off), "on" or "off"
+    compile: str = "auto"
     model_overrides: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["models"] = list(self.models)
         return d
+
+
+#: "auto" compiles when one model's training touches at least this many pixels (epochs x images x H x W):
+#: Fashion-MNIST IPC 10 at 300 epochs is 2.4e7 (compiled: 1.5x faster steps, measured in bench_eval_cost.py);
+#: the digits runs of the tests and the main job stay eager, where the compile time would dominate.
+COMPILE_MIN_PIXEL_STEPS = 1.5e7
 
 
 def peak_rss_mib() -> float:
@@ -77,6 +87,9 @@ def train_and_test(
     if protocol.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
+    pixel_steps = protocol.epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
+    compiled = resolve_compile(protocol.compile, device, images.dtype, pixel_steps >= COMPILE_MIN_PIXEL_STEPS)
+    forward = forward_of(model, compiled)
     augment: Callable | None = None
     if protocol.dsa:
         aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))
@@ -93,7 +106,9 @@ def train_and_test(
         batch_size=protocol.batch_size,
         augment=augment,
         soft_loss=protocol.soft_label_loss,
+        forward=forward,
     )
+    # the test pass stays eager: its eval-mode graph and its last short batch would cost two more compiles
     return accuracy(model, real.test_images.to(device), real.test_labels.to(device))
 
 

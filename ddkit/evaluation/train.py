@@ -44,12 +44,15 @@ def train_model(
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     soft_loss: str = "soft_ce",
     optimizer: torch.optim.Optimizer | None = None,
+    forward: Callable[[Tensor], Tensor] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD on ``(images, labels)`` for ``epochs`` epochs.
 
     Defaults are the field's protocol (DC/DSA/DM/MTT ``evaluate_synset``): SGD momentum 0.9, weight decay 5e-4,
-    batch 256, lr x0.1 once at half of the epochs, augmentation on every batch.
+    batch 256, lr x0.1 once at half of the epochs, augmentation on every batch.  ``forward`` computes the logits
+    in place of ``model`` (e.g. its compiled forward, :func:`ddkit.functional.compiled.forward_of`).
     """
+    forward = model if forward is None else forward
     images = images.detach()
     labels = labels.detach()
     loss_fn = classification_loss(labels, soft_loss)
@@ -71,7 +74,7 @@ def train_model(
                 xb, yb = images[ix], labels[ix]
             if augment is not None:
                 xb = augment(xb, generator)
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(forward(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -79,14 +82,16 @@ def train_model(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256,
+             forward: Callable[[Tensor], Tensor] | None = None) -> float:
     """Top-1 accuracy in percent, in eval mode.  Batches of 256 keep peak memory low: one ConvNet-3 activation
     of 2048 28x28 images is already 1 GiB."""
+    forward = model if forward is None else forward
     was_training = model.training
     model.eval()
     correct = 0
     for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start : start + batch_size])
+        logits = forward(images[start : start + batch_size])
         correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / max(1, images.shape[0])

@@ -11,13 +11,18 @@ network is trained on the real training set for ``feature_epochs`` epochs first 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..data.realdata import RealData
+from ..errors import ArtifactError
+from ..io import load_state, save_state
 from ..evaluation.train import train_model
+from ..functional.compiled import forward_of, resolve_compile
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -30,6 +35,10 @@ class CoresetConfig(DistillConfig):
     feature_epochs: int = 1  # epochs of training on the real set before embedding (0 = random network)
     feature_lr: float = 0.01
     feature_batch: int = 256
+    #: optional safetensors file caching the embeddings: reused when its metadata matches (dataset, training
+    #: set size, feature settings, seed), else computed and written atomically.  Herding and k-center at several
+    #: IPCs then train the feature network once instead of once per IPC.
+    embedding_cache: str = ""
 
 
 class RandomCoreset(Distiller):
@@ -75,13 +84,51 @@ class EmbeddingCoreset(RandomCoreset):
 
     def embed(self, real: RealData, generator: torch.Generator) -> Tensor:
         cfg: CoresetConfig = self.config  # type: ignore[assignment]
+        if not cfg.embedding_cache:
+            return self.compute_embeddings(real, generator)
+        key = self.embedding_key(real, generator)
+        cached = read_embedding_cache(Path(cfg.embedding_cache), key)
+        if cached is not None:
+            return cached
+        feats = self.compute_embeddings(real, generator)
+        save_state(cfg.embedding_cache, {"embeddings": feats}, metadata={"embedding_key": key})
+        return feats
+
+    def embedding_key(self, real: RealData, generator: torch.Generator) -> dict:
+        """What the embeddings depend on; a cache file is reused only when all of it matches."""
+        cfg: CoresetConfig = self.config  # type: ignore[assignment]
+        return {"dataset": real.name, "train_images": int(real.train_images.shape[0]),
+                "feature_model": cfg.feature_model, "feature_epochs": cfg.feature_epochs,
+                "feature_lr": cfg.feature_lr, "feature_batch": cfg.feature_batch,
+                # the feature network's initialisation and batch order come from the generator's current state
+                "generator_state": hashlib.sha256(generator.get_state().numpy().tobytes()).hexdigest()[:16]}
+
+    def compute_embeddings(self, real: RealData, generator: torch.Generator) -> Tensor:
+        cfg: CoresetConfig = self.config  # type: ignore[assignment]
         if cfg.feature_model == "pixels":
             return real.train_images.reshape(real.train_images.shape[0], -1).float().cpu()
         net = self.new_network(real, generator, model=cfg.feature_model)
         if cfg.feature_epochs > 0:
-            train_model(net, real.train_images, real.train_labels, epochs=cfg.feature_epochs, lr=cfg.feature_lr,
-                        generator=generator, batch_size=cfg.feature_batch, decay_at_half=False)
+            images = real.train_images
+            # a pass over a whole training set is long enough for torch.compile to pay off on CPU
+            compiled = resolve_compile("auto", self.device, images.dtype, long_run=images.shape[0] >= 10_000)
+            train_model(net, images, real.train_labels, epochs=cfg.feature_epochs, lr=cfg.feature_lr,
+                        generator=generator, batch_size=cfg.feature_batch, decay_at_half=False,
+                        forward=forward_of(net, compiled))
         return self._features(net, real.train_images)
+
+
+def read_embedding_cache(path: Path, key: dict) -> Tensor | None:
+    """The cached embeddings if ``path`` holds embeddings computed under ``key``; ``None`` if absent or stale.
+
+    A file that exists but is not a ddkit embedding cache raises :class:`ArtifactError` (never overwritten
+    silently: it may be something else the user keeps there)."""
+    if not path.is_file():
+        return None
+    state, meta = load_state(path)
+    if not isinstance(state, dict) or "embeddings" not in state or "embedding_key" not in meta:
+        raise ArtifactError(f"{path} is a ddkit checkpoint but not an embedding cache")
+    return state["embeddings"] if meta["embedding_key"] == key else None
 
 
 class Herding(EmbeddingCoreset):

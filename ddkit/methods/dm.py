@@ -23,7 +23,6 @@ and why it is the same objective:
 from __future__ import annotations
 
 import copy
-import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from ..augment import DEFAULT_STRATEGY, DSA
 from ..data.realdata import RealData
-from ..errors import ConfigError
+from ..functional.compiled import CompiledOrEager, resolve_compile
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -43,6 +42,10 @@ Params = dict[str, Tensor]
 #: (128 x 32 x 32 floats per image for ConvNet-3 on 28x28 input) in the last-level cache and bound memory,
 #: which is what makes the real branch fast on CPU (benchmarks/bench_dm_cafe.py).  Accelerators use one chunk.
 CPU_REAL_CHUNK = 64
+#: the same for the compiled real forward, which runs channels-last: on 2 cores (AMD EPYC, AVX2), a Fashion-MNIST
+#: ConvNet-3 forward of 2560 images took 2.7 s in chunks of 16, 3.3 s in chunks of 64, 4.4 s compiled NCHW in
+#: chunks of 256, against about 7 s eager (benchmarks/RESULTS.md, issue 3)
+CPU_COMPILED_REAL_CHUNK = 16
 
 #: DM README: "for CIFAR10 dataset we set --lr_img 1 for --ipc = 1/10/50, --lr_img 10 for
 #: --ipc = 100/200/500/1000/1250.  For CIFAR100 dataset, we set --lr_img 1 for --ipc = 1/10/50/100/125."
@@ -71,9 +74,9 @@ class DMConfig(DistillConfig):
     real_chunk: int = 0
     #: run the embedder in channels-last layout (measured slower on CPU: GroupNorm has no fast NHWC kernel)
     channels_last: bool = False
-    #: compile the no-grad real-image forward with torch.compile: "auto" (on for CPU runs of >= 1000
-    #: iterations in float32, where the one-off compile time is amortised), "on" or "off".  The synthetic
-    #: branch, which needs gradients, always runs eagerly.
+    #: compile the embedder's forward with torch.compile: "auto" (on for CPU runs of >= 1000 iterations in
+    #: float32, where the one-off compile time of about a minute is amortised), "on" or "off".  Both branches
+    #: use it: the no-grad real forward and the synthetic forward/backward (a second graph).
     compile: str = "auto"
 
 
@@ -209,28 +212,29 @@ def frozen_embedder(distiller: Distiller, real: RealData, generator: torch.Gener
     return net.train()
 
 
-class RealEncoder:
-    """The no-grad real branch's forward, through one persistent and (optionally) compiled embedder.
+class CompiledEmbedder:
+    """The embedder's forward (real branch without grad, synthetic branch with), through one persistent and
+    (optionally) compiled channels-last module.
 
-    Each iteration's fresh network is copied into the persistent module in place, so one compiled graph serves
-    the whole run (compiling a new module every iteration would recompile every time).  On CPU the compiled
-    forward fuses normalisation, activation and pooling into the passes around each convolution, which is
-    where the eager forward spends half of its time (benchmarks/RESULTS_dm_cafe.md).  Any compile failure
-    (e.g. no C++ compiler) falls back to the eager forward with a warning.
+    Each iteration's fresh network is copied into the persistent module in place, so the compiled graphs serve
+    the whole run.  On CPU the compiled forward fuses normalisation, activation and pooling into the passes
+    around each convolution, which is where the eager forward spends about 40% of its time
+    (benchmarks/RESULTS.md, issue 3).  A compile failure falls back to eager with a warning.
     """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.module: nn.Module | None = None
-        self._compiled: Callable[[Tensor], Tensor] | None = None
+        self._compiled: CompiledOrEager | None = None
 
     def bind(self, net: nn.Module) -> Callable[[Tensor], Tensor]:
         """A features function with ``net``'s parameters."""
         if not self.enabled:
             return net.features
         if self.module is None or type(self.module) is not type(net):
-            self.module = copy.deepcopy(net)
-            self._compiled = torch.compile(self.module.features, dynamic=False)
+            # channels-last suits the compiled graph (fused NHWC normalisation), unlike the eager GroupNorm
+            self.module = copy.deepcopy(net).to(memory_format=torch.channels_last)
+            self._compiled = CompiledOrEager(self.module.features)
         else:
             with torch.no_grad():
                 for mine, theirs in zip(self.module.state_dict().values(), net.state_dict().values()):
@@ -239,25 +243,8 @@ class RealEncoder:
         return self._forward
 
     def _forward(self, x: Tensor) -> Tensor:
-        assert self.module is not None and self._compiled is not None
-        if self.enabled:
-            try:
-                return self._compiled(x)
-            except Exception as exc:  # compiler missing or unsupported op: keep going eagerly
-                warnings.warn(f"torch.compile failed for the real-image forward ({type(exc).__name__}: {exc}); "
-                              "falling back to eager mode", RuntimeWarning, stacklevel=2)
-                self.enabled = False
-        return self.module.features(x)
-
-
-def compile_enabled(mode: str, device: torch.device, dtype: torch.dtype, iterations: int) -> bool:
-    """Resolve the ``compile`` option ("auto" | "on" | "off")."""
-    mode = str(mode).lower()
-    if mode not in ("auto", "on", "off"):
-        raise ConfigError(f"compile must be 'auto', 'on' or 'off', got {mode!r}")
-    if mode == "auto":
-        return device.type == "cpu" and dtype == torch.float32 and iterations >= 1000
-    return mode == "on"
+        assert self._compiled is not None
+        return self._compiled(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
 
 
 # ------------------------------------------------------------------------------------------------------- method
@@ -268,6 +255,8 @@ class _Draw:
     net: nn.Module
     real_means: Tensor  # [K, D], no graph
     params: list[Params]
+    #: ``net.features``, or the compiled forward bound to ``net``'s parameters (the synthetic branch uses it too)
+    features: Callable[[Tensor], Tensor]
 
 
 class DMDistiller(Distiller):
@@ -279,7 +268,7 @@ class DMDistiller(Distiller):
     def __init__(self, config: DMConfig | None = None, *, device: str | torch.device = "cpu") -> None:
         super().__init__(config, device=device)
         self.aug: DSA = DSA.from_strategy(None)
-        self.encoder = RealEncoder(False)
+        self.encoder = CompiledEmbedder(False)
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
 
@@ -297,7 +286,8 @@ class DMDistiller(Distiller):
         cfg: DMConfig = self.config  # type: ignore[assignment]
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
-        self.encoder = RealEncoder(compile_enabled(cfg.compile, self.device, syn.images.dtype, cfg.iterations))
+        self.encoder = CompiledEmbedder(resolve_compile(cfg.compile, self.device, syn.images.dtype,
+                                                          long_run=cfg.iterations >= 1000))
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)
@@ -314,16 +304,19 @@ class DMDistiller(Distiller):
         net = frozen_embedder(self, real, generator, dtype, cfg.channels_last)
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
-        chunk = chunk_size(cfg.real_chunk, batch.images.shape[0], self.device, _uses_bn(net))
-        real_means = real_feature_means(self.encoder.bind(net), batch, self.aug, params, real.num_classes, chunk,
+        compiled_cpu = self.encoder.enabled and self.device.type == "cpu"
+        requested = cfg.real_chunk or (CPU_COMPILED_REAL_CHUNK if compiled_cpu else 0)
+        chunk = chunk_size(requested, batch.images.shape[0], self.device, _uses_bn(net))
+        features = self.encoder.bind(net)
+        real_means = real_feature_means(features, batch, self.aug, params, real.num_classes, chunk,
                                         dtype, cfg.channels_last)
-        return _Draw(net, real_means, params)
+        return _Draw(net, real_means, params, features)
 
     def syn_means(self, draw: _Draw, images: Tensor, labels: Tensor, row_class: Tensor, num_classes: int) -> Tensor:
         """Class means of the augmented synthetic embeddings (with graph)."""
         cfg: DMConfig = self.config  # type: ignore[assignment]
         x = augment_by_class(self.aug, images, row_class, draw.params)
-        feats = draw.net.features(to_layout(x, cfg.channels_last))
+        feats = draw.features(to_layout(x, cfg.channels_last))
         return class_means(feats, labels, num_classes)
 
     def loss(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
@@ -349,7 +342,7 @@ class DMDistiller(Distiller):
             images = syn.images[rows.to(self.device)]
             local = torch.zeros(rows.numel(), dtype=torch.long)
             x = augment_by_class(self.aug, images, local, [draw.params[c]])
-            mean = draw.net.features(to_layout(x, cfg.channels_last)).mean(0)
+            mean = draw.features(to_layout(x, cfg.channels_last)).mean(0)
             loss_c = ((draw.real_means[c] - mean) ** 2).sum()
             loss_c.backward()  # frees this class's graph before the next class is built
             total += float(loss_c.detach())
