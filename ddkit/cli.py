@@ -39,6 +39,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--lr", type=float, help="fixed lr (default 0.01, or the set's learned lr)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the training forward (auto: long CPU evaluations only)")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -142,7 +144,8 @@ def cmd_evaluate(args) -> int:
     for m in models:
         MODELS.get(m)  # unknown names fail before any work
     protocol = EvalProtocol(models=models, runs=args.runs, epochs=args.epochs, lr=args.lr or 0.01,
-                            use_learned_lr=args.lr is None, batch_size=args.batch_size, dsa=not args.no_dsa)
+                            use_learned_lr=args.lr is None, batch_size=args.batch_size, dsa=not args.no_dsa,
+                            compile=args.compile)
     device = resolve_device(args.device)
 
     def on_row(row):

@@ -118,8 +118,9 @@ def test_compiled_embedder_matches_eager(digits):
         means, grads = [], []
         for _ in range(2):  # the 2nd draw reuses the compiled graphs with the next network's parameters
             loss, _ = d.loss(0, digits, syn, g)
-            means.append(d.draw(digits, syn, make_generator(5)).real_means)
+            # backward before the next draw: binding a new network refreshes the shared module in place
             grads.append(torch.autograd.grad(loss, syn.images)[0])
+            means.append(d.draw(digits, syn, make_generator(5)).real_means)
         results.append((torch.stack(means), torch.stack(grads)))
     for got, want in zip(results[1], results[0]):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
