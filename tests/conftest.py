@@ -23,3 +23,12 @@ def tiny_real():
     xte = torch.rand(30, 1, 8, 8, generator=g)
     yte = torch.arange(3).repeat(10)
     return real_from_tensors(xtr, ytr, xte, yte, name="tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP barrier costs (large on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from ddkit.functional.pergrad import (
 )
 from ddkit.models import create_model
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP barrier costs (large on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 K, N_REAL, N_SYN = 4, 6, 2

@@ -33,13 +33,13 @@ class CompiledOrEager:
     """Calls ``torch.compile(fn)``; if compiling fails (no C++ compiler, an unsupported op), warns once and
     calls ``fn`` eagerly from then on, so a missing toolchain costs speed, never a run."""
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], enabled: bool = True) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.fn = fn
-        self.enabled = enabled
-        self._compiled = torch.compile(fn, dynamic=False) if enabled else None
+        self.enabled = True  # False after the first compiler failure
+        self._compiled = torch.compile(fn, dynamic=False)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.enabled and self._compiled is not None:
+        if self.enabled:
             try:
                 return self._compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager

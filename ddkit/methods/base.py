@@ -44,6 +44,8 @@ class Distiller:
         self.config = config if config is not None else self.Config()
         self.device = torch.device(device)
         self.optimizer: torch.optim.Optimizer | None = None
+        #: the length of the run being set up, set by the engine (it may differ from ``config.iterations``)
+        self.run_iterations: int | None = None
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -54,6 +56,10 @@ class Distiller:
     @classmethod
     def config_fields(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls.Config)}
+
+    def planned_iterations(self) -> int:
+        """Iterations of the current run: the engine's count, else the config's (for speed options like compile)."""
+        return self.config.iterations if self.run_iterations is None else self.run_iterations
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> None:

@@ -339,7 +339,7 @@ class DCDistiller(Distiller):
         """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
         detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        compiled = resolve_compile(cfg.compile, self.device, syn.images.dtype, long_run=cfg.iterations >= 100)
+        compiled = resolve_compile(cfg.compile, self.device, syn.images.dtype, long_run=self.planned_iterations() >= 100)
         chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]))
         # compiled: whole batches (the fused graph is already cache-friendly); eager: cache-sized chunks
         model = net if compiled or chunk is None or uses_batchnorm(net) else ChunkedForward(net, chunk)

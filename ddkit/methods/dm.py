@@ -45,7 +45,7 @@ CPU_REAL_CHUNK = 64
 #: the same for the compiled real forward, which runs channels-last: on 2 cores (AMD EPYC, AVX2), a Fashion-MNIST
 #: ConvNet-3 forward of 2560 images took 2.7 s in chunks of 16, 3.3 s in chunks of 64, 4.4 s compiled NCHW in
 #: chunks of 256, against about 7 s eager (benchmarks/RESULTS.md, issue 3)
-CPU_COMPILED_REAL_CHUNK = 16
+CPU_COMPILED_REAL_PIXELS = 16 * 28 * 28  # input pixels per chunk: 16 Fashion-MNIST images, 196 8x8 digits
 
 #: DM README: "for CIFAR10 dataset we set --lr_img 1 for --ipc = 1/10/50, --lr_img 10 for
 #: --ipc = 100/200/500/1000/1250.  For CIFAR100 dataset, we set --lr_img 1 for --ipc = 1/10/50/100/125."
@@ -287,7 +287,7 @@ class DMDistiller(Distiller):
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
         self.encoder = CompiledEmbedder(resolve_compile(cfg.compile, self.device, syn.images.dtype,
-                                                          long_run=cfg.iterations >= 1000))
+                                                          long_run=self.planned_iterations() >= 1000))
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)
@@ -305,7 +305,8 @@ class DMDistiller(Distiller):
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
         compiled_cpu = self.encoder.enabled and self.device.type == "cpu"
-        requested = cfg.real_chunk or (CPU_COMPILED_REAL_CHUNK if compiled_cpu else 0)
+        pixels = batch.images.shape[-1] * batch.images.shape[-2]
+        requested = cfg.real_chunk or (max(1, CPU_COMPILED_REAL_PIXELS // pixels) if compiled_cpu else 0)
         chunk = chunk_size(requested, batch.images.shape[0], self.device, _uses_bn(net))
         features = self.encoder.bind(net)
         real_means = real_feature_means(features, batch, self.aug, params, real.num_classes, chunk,
