@@ -59,7 +59,7 @@ def naive_distiller(method: str, config):
     base = DSADistiller if method == "dsa" else DCDistiller
 
     class Naive(base):  # type: ignore[misc, valid-type]
-        def matching_loss(self, net, real, syn, generator):
+        def matching_loss(self, net, real, syn, generator, real_forward=None):  # official: eager, per class
             cfg = self.config
             batch = sample_per_class(real, cfg.batch_real, generator, self.device)
             params = sample_class_params(self.aug, real.num_classes, generator, self.device)

@@ -4,6 +4,8 @@ Two workloads, each timed side by side in one process (medians of ``--repeats``,
 includes the compile):
 
 - a training step (forward, backward, SGD) on 100 images: the evaluation protocol at IPC 10 and DC's inner loop;
+  and on 256 images (the protocol's batch at IPC >= 26, herding/k-center's feature network), whole or in the
+  library's cache-sized chunks of 16 (``ddkit.functional.compiled.forward_of``);
 - a no-grad forward of 2560 images (10 classes x 256): DM's real branch, in batches of 256 or chunks of 16.
 
     python -m benchmarks.bench_levers [--repeats 5] [--skip-bf16]
@@ -47,15 +49,18 @@ def main() -> None:
         m = m.to(memory_format=cl) if channels_last else m
         return m.requires_grad_(not frozen)
 
-    x = torch.randn(100, 1, 28, 28)
-    y = torch.randint(0, 10, (100,))
+    batches = {n: (torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in (100, 256)}
     big = torch.randn(2560, 1, 28, 28)
     results: dict[str, float] = {}
 
-    def train_step(channels_last: bool, compiled: bool, bf16: bool = False) -> Callable[[], None]:
+    from ddkit.functional.compiled import forward_of
+
+    def train_step(channels_last: bool, compiled: bool, bf16: bool = False, n: int = 100,
+                   chunk: int | None = None) -> Callable[[], None]:
         model = net(channels_last)
-        fwd = torch.compile(model, dynamic=False) if compiled else model
+        fwd = forward_of(model, compiled, chunk)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        x, y = batches[n]
         xb = x.contiguous(memory_format=cl) if channels_last else x
 
         def step() -> None:
@@ -80,6 +85,10 @@ def main() -> None:
     results["train step, eager"] = timed(train_step(False, False), args.repeats)
     results["train step, compiled"] = timed(train_step(False, True), args.repeats)
     results["train step, compiled + channels-last"] = timed(train_step(True, True), args.repeats)
+    for compiled in (False, True):
+        for chunk in (None, 16):
+            name = f"train step 256, {'compiled' if compiled else 'eager'}, {'chunks of 16' if chunk else 'whole batch'}"
+            results[name] = timed(train_step(False, compiled, n=256, chunk=chunk), args.repeats)
     if not args.skip_bf16:
         results["train step, eager bf16 autocast"] = timed(train_step(False, False, bf16=True), 1)
     results["forward 2560, eager, batches of 256"] = timed(forward(False, False, 256), args.repeats)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ddkit.errors import ConfigError
-from ddkit.functional.compiled import CompiledOrEager, resolve_compile
+from ddkit.functional.compiled import ChunkedForward, CompiledOrEager, cpu_chunk, even_chunk, forward_of, resolve_compile
+from ddkit.models import create_model
 
 CPU = torch.device("cpu")
 
@@ -44,3 +45,23 @@ def test_dc_rejects_an_unknown_compile_mode(digits):
     syn = SyntheticSet.from_real(digits, 1, make_generator(0, "init"))
     with pytest.raises(ConfigError, match="compile"):
         DCDistiller(DCConfig(compile="fastest")).setup(digits, syn, make_generator(0))
+
+
+def test_chunk_sizes_split_batches_evenly_where_they_can():
+    assert even_chunk(256, 16) == 16
+    assert even_chunk(100, 16) == 10  # ten equal passes: one compiled graph shape, not 16 + 4
+    assert even_chunk(97, 16) == 16  # a prime: the remainder pass it is
+    assert even_chunk(12, 16) == 12
+    assert cpu_chunk((1, 28, 28), CPU) == 16 and cpu_chunk((1, 8, 8), CPU) == 196
+    assert cpu_chunk((3, 32, 32), torch.device("meta")) is None
+
+
+def test_chunked_forward_is_the_same_function_and_skips_batchnorm():
+    torch.manual_seed(0)
+    net = create_model("convnet_w32", channels=1, num_classes=10, image_size=(8, 8)).double()
+    x = torch.randn(10, 1, 8, 8, dtype=torch.float64)
+    fwd = forward_of(net, compiled=False, chunk=3)
+    assert isinstance(fwd, ChunkedForward)
+    torch.testing.assert_close(fwd(x), net(x), rtol=1e-12, atol=1e-12)
+    bn = create_model("convnet_bn", channels=1, num_classes=10, image_size=(8, 8))
+    assert forward_of(bn, compiled=False, chunk=3) is bn  # batch statistics need the whole batch

@@ -21,6 +21,7 @@ Entry points, all returning a dict ``name -> [K, *param.shape]``:
 - :func:`per_class_grads_loop`: a loop over classes with ordinary autograd (chunked the same way), for
   networks whose samples interact (batch norm in train mode) and for the few layers whose second-order
   gradients ``vmap`` gets wrong (see :func:`batching_is_exact`);
+- :func:`per_class_grads_forward`: the loop through a given forward function (a compiled module), first order;
 - :func:`naive_per_class_grads`: the official formulation, verbatim, as the reference in tests.
 
 Gradients are differentiable in the images (``torch.func.grad`` composes with ordinary autograd), so a loss
@@ -171,6 +172,44 @@ def per_class_grads_loop(
             with torch.enable_grad():
                 loss = loss_fn(wrt, images[c, s:s + step], labels[c, s:s + step], weights[c, s:s + step])
                 part = torch.autograd.grad(loss, [wrt[k] for k in names], create_graph=create_graph)
+            acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
+        assert acc is not None
+        per_class.append(acc)
+    total = {k: torch.stack([g[i] for g in per_class]) for i, k in enumerate(names)}
+    return _normalise(total, weights)
+
+
+def per_class_grads_forward(
+    forward: Callable[[Tensor], Tensor],
+    params: dict[str, Tensor],
+    images: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    *,
+    sample_chunk: int | None = None,
+) -> ParamDict:
+    """First-order per-class gradients through ``forward``, a function of the images alone that reads the
+    module's own parameters (e.g. its compiled forward, :func:`ddkit.functional.compiled.forward_of`).
+
+    ``params`` maps names to those parameter tensors (``requires_grad``); the result is what
+    :func:`per_class_grads_loop` gives without ``create_graph``.  This is the path for a compiled network: the
+    compiled graph takes the parameters as graph inputs, whereas ``functional_call`` with fresh tensors would
+    not reuse it.  No graph is kept.
+    """
+    from .compiled import even_chunk  # equal chunks: one compiled graph shape
+
+    weights = _check(images, labels, weights)
+    k_classes, n = labels.shape
+    step = n if not sample_chunk or sample_chunk >= n else even_chunk(n, int(sample_chunk))
+    names = list(params)
+    per_class: list[list[Tensor]] = []
+    for c in range(k_classes):
+        acc: list[Tensor] | None = None
+        for s in range(0, n, step):
+            with torch.enable_grad():
+                logits = forward(images[c, s:s + step])
+                loss = (F.cross_entropy(logits, labels[c, s:s + step], reduction="none") * weights[c, s:s + step]).sum()
+                part = torch.autograd.grad(loss, [params[k] for k in names])
             acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
         assert acc is not None
         per_class.append(acc)

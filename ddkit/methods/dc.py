@@ -21,7 +21,7 @@ What differs from the official code, and why the result is the same:
   takes the faster one per side and device: on accelerators everything batched (passes of up to 2560
   CIFAR-sized images); on CPU (where batching buys little and cache-sized passes buy more) the real side per
   class in chunks of about 16 Fashion-MNIST images, the synthetic side batched for small classes.  The inner network epochs likewise run
-  the forward in chunks (:class:`ChunkedForward`, the same SGD step).  ``tests/test_pergrad.py`` and
+  the forward in chunks (:func:`ddkit.functional.compiled.forward_of`, the same SGD step).  ``tests/test_pergrad.py`` and
   ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
   formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm, InstanceNorm modules)
   use the per-class loop on the synthetic side.
@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import train_model
-from ..functional.compiled import forward_of, resolve_compile
+from ..functional.compiled import CPU_CHUNK_PIXELS, CompiledOrEager, forward_of, resolve_compile
 from ..functional.distances import check_distance, contributes, match_distance
 from ..functional.pergrad import (
     ParamDict,
@@ -53,6 +53,7 @@ from ..functional.pergrad import (
     class_labels,
     pad_classes,
     per_class_grads,
+    per_class_grads_forward,
     per_class_grads_loop,
     split_parameters,
 )
@@ -64,11 +65,6 @@ from .dm import augment_by_class, resolve_dsa, sample_class_params, sample_per_c
 #: ``get_loops`` (utils.py): IPC -> (outer_loop, inner_loop), "empirically good" values of the authors.
 OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
                                               50: (50, 10)}
-
-#: CPU: input pixels per forward/backward pass (16 Fashion-MNIST images).  Small passes keep a pass's activations
-#: (128 x 32 x 32 floats per 28x28 image after the first conv of ConvNet-3) in cache; measured on 2 cores
-#: (benchmarks/bench_dc.py) 16-32 images per pass beat the official 256.  Accelerators use one pass.
-CPU_CHUNK_PIXELS = 16 * 28 * 28
 
 #: Accelerators: input pixels per batched pass (all CIFAR-10 classes x 256 real images at once); bounds memory
 #: for many classes (CIFAR-100: ten passes of 25 images per class) without costing speed on 10 classes.
@@ -133,8 +129,9 @@ class DCConfig(DistillConfig):
     #: real_chunk; never for train-mode batch norm, whose statistics need the whole batch)
     inner_chunk: int = 0
     channels_last: bool = False  # run the network in channels-last layout
-    #: torch.compile the inner network updates: "auto" (on for CPU float32 runs of >= 100 outer iterations),
-    #: "on" or "off".  Compiled steps on 100 Fashion-MNIST images took 0.47 s against 0.71 s eager (2 cores).
+    #: torch.compile the inner network updates and the real side's per-class passes: "auto" (on for CPU float32
+    #: runs of >= 100 outer iterations), "on" or "off".  Compiled steps on 100 Fashion-MNIST images took 0.47 s
+    #: against 0.71 s eager (2 cores).  The synthetic side (double backward) always runs eagerly.
     compile: str = "auto"
 
 
@@ -167,36 +164,27 @@ def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tenso
 
 def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tensor, syn_images: Tensor,
                         syn_weights: Tensor, *, distance: str = "ours", real_mode: str = "batched",
-                        syn_mode: str = "batched", real_chunk: int | None = None) -> Tensor:
+                        syn_mode: str = "batched", real_chunk: int | None = None,
+                        real_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``sum_c D(grad L(real_c), grad L(syn_c))``, differentiable in ``syn_images``.
 
     Images are ``[K, n, ...]`` class blocks (already augmented), weights ``[K, n]`` (0 = padding).  The real
-    gradients are constants (official: ``gw_real = [g.detach().clone() ...]``) and are computed without a graph.
+    gradients are constants (official: ``gw_real = [g.detach().clone() ...]``) and are computed without a graph,
+    per class and chunk through ``real_forward`` (``net``'s compiled forward) when one is given.
     """
     diff, const = split_parameters(net, lambda name, p: contributes(tuple(p.shape), distance))
-    with torch.no_grad():
-        g_real = class_grads(net, diff, const, real_images, real_weights, mode=real_mode, second_order=False,
-                             chunk=real_chunk)
+    if real_forward is not None:
+        own = dict(net.named_parameters())
+        g_real = per_class_grads_forward(real_forward, {k: own[k] for k in diff}, real_images,
+                                         class_labels(*real_images.shape[:2], real_images.device), real_weights,
+                                         sample_chunk=real_chunk)
+        g_real = {k: g.detach() for k, g in g_real.items()}
+    else:
+        with torch.no_grad():
+            g_real = class_grads(net, diff, const, real_images, real_weights, mode=real_mode, second_order=False,
+                                 chunk=real_chunk)
     g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=syn_mode, second_order=True, chunk=None)
     return match_distance(g_real, g_syn, distance)
-
-
-class ChunkedForward(nn.Module):
-    """``net`` applied to consecutive chunks of the batch, outputs concatenated.
-
-    The same function as ``net`` when samples are independent (no train-mode batch norm), so training through
-    it takes the same SGD steps, while each operation works on a cache-sized tensor (faster on CPU).
-    """
-
-    def __init__(self, net: nn.Module, chunk: int) -> None:
-        super().__init__()
-        self.net = net
-        self.chunk = int(chunk)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] <= self.chunk:
-            return self.net(x)
-        return torch.cat([self.net(part) for part in x.split(self.chunk)])
 
 
 def blocks(images: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -299,12 +287,15 @@ class DCDistiller(Distiller):
         net = self.new_network(real, generator).to(dtype=syn.images.dtype).train()
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
+        compiled = self.compiled(syn.images.dtype)
+        # the real side's first-order passes share the compiled graph with the inner network updates
+        real_forward = CompiledOrEager(net) if compiled and self.grad_modes(1)[0] == "loop" else None
         total, t_match, t_net = 0.0, 0.0, 0.0
         for ol in range(outer):
             t0 = time.perf_counter()
             if uses_batchnorm(net):
                 freeze_batchnorm(net, real, cfg.bn_images_per_class, generator, self.device)
-            loss = self.matching_loss(net, real, syn, generator)
+            loss = self.matching_loss(net, real, syn, generator, real_forward=real_forward)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -313,13 +304,22 @@ class DCDistiller(Distiller):
             t_match += t1 - t0
             if ol == outer - 1:  # official: the last outer step skips the network update
                 break
-            self.train_network(net, syn, inner, generator)
+            self.train_network(net, syn, inner, generator, compiled)
             t_net += time.perf_counter() - t1
         # official log: loss_avg /= (num_classes * outer_loop)
         return {"loss": total / (real.num_classes * outer), "seconds_match": t_match, "seconds_inner": t_net}
 
-    def matching_loss(self, net: nn.Module, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> Tensor:
-        """Draw the real batch and the siamese parameters of every class; return the summed matching loss."""
+    def compiled(self, dtype: torch.dtype) -> bool:
+        """Whether this run compiles its network passes (``compile``; "auto": CPU float32 runs of >= 100
+        outer iterations, where the compile time is repaid)."""
+        cfg: DCConfig = self.config  # type: ignore[assignment]
+        return resolve_compile(cfg.compile, self.device, dtype, long_run=self.planned_iterations() >= 100)
+
+    def matching_loss(self, net: nn.Module, real: RealData, syn: SyntheticSet, generator: torch.Generator, *,
+                      real_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Draw the real batch and the siamese parameters of every class; return the summed matching loss.
+
+        ``real_forward``: ``net``'s compiled forward for the real side's per-class passes (None: functional)."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
         assert self._syn_row_class is not None, "setup() must run first"
         k = real.num_classes
@@ -333,16 +333,15 @@ class DCDistiller(Distiller):
         syn_b, syn_w = blocks(self._layout(syn_x), self._syn_row_class, k)
         real_mode, syn_mode = self.grad_modes(syn_b.shape[1])
         return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
-                                   syn_mode=syn_mode, real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape))
+                                   syn_mode=syn_mode, real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape),
+                                   real_forward=real_forward if real_mode == "loop" else None)
 
-    def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator) -> None:
+    def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator,
+                      compiled: bool = False) -> None:
         """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
         detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        compiled = resolve_compile(cfg.compile, self.device, syn.images.dtype, long_run=self.planned_iterations() >= 100)
         chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]))
-        # compiled: whole batches (the fused graph is already cache-friendly); eager: cache-sized chunks
-        model = net if compiled or chunk is None or uses_batchnorm(net) else ChunkedForward(net, chunk)
         train_model(
             net,
             self._layout(syn.images.detach()),
@@ -355,7 +354,7 @@ class DCDistiller(Distiller):
             batch_size=cfg.batch_train,
             decay_at_half=False,
             augment=None if self.aug.is_identity else self.aug,
-            forward=forward_of(model, compiled),
+            forward=forward_of(net, compiled, chunk),
         )
 
     def _layout(self, x: Tensor) -> Tensor:
