@@ -2,9 +2,9 @@
 
 On the 2-core CPUs this project is measured on, a compiled ConvNet-3 runs a training step about 1.5x faster and a
 no-grad forward about 1.7x faster than eager (Inductor fuses normalisation, activation and pooling into the
-passes around each convolution; benchmarks/RESULTS.md).  Independently of compiling, passes over small chunks of
-a batch (about 16 Fashion-MNIST images) keep each chunk's activations in cache and ran 1.1-1.5x faster than one
-pass over 256 images; :func:`forward_of` combines both where it is exact (no batch norm).  Compiling costs about 20 s per graph, so it pays only on
+passes around each convolution; benchmarks/RESULTS.md).  Eager passes over small chunks of a batch (about 16
+Fashion-MNIST images) keep each chunk's activations in cache and ran 1.1-1.5x faster than one pass over 256
+images; :func:`forward_of` uses one lever or the other, and chunks only where that is exact (no batch norm).  Compiling costs about 20 s per graph, so it pays only on
 long runs: every user of this module resolves a ``compile`` option "auto" | "on" | "off", where "auto" means on
 for long float32 CPU runs only.  On accelerators "auto" stays off (no measurement there yet).
 """
@@ -22,9 +22,8 @@ COMPILE_MODES = ("auto", "on", "off")
 
 #: CPU: input pixels per forward pass (16 Fashion-MNIST images, 196 8x8 digits, 12 CIFAR images).  Small passes keep
 #: a pass's activations (128 x 32 x 32 floats per 28x28 image after ConvNet-3's first conv) in cache; on 2 cores
-#: a training step over 256 images took 0.45-0.49 s per 100 images compiled in chunks of 16 against 0.53-0.62 s
-#: compiled whole, 0.52-0.69 s eager in chunks of 16 and 0.77-0.79 s eager whole (/tmp micro-benchmarks quoted
-#: in benchmarks/RESULTS.md).  Accelerators take whole batches.
+#: a training step over 256 images took 0.52-0.69 s per 100 images eager in chunks of 16 and 0.77-0.79 s eager
+#: whole (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
 
 
@@ -36,6 +35,12 @@ def resolve_compile(mode: str, device: torch.device, dtype: torch.dtype, long_ru
     if mode == "auto":
         return long_run and device.type == "cpu" and dtype == torch.float32
     return mode == "on"
+
+
+#: Graphs (input shapes, modes) one compiled function may hold.  Every model's forward is the same code object
+#: (``FeatureNet.forward``), so one process that evaluates several set sizes and architectures meets more than
+#: dynamo's default of 8, after which it would silently run eagerly.
+COMPILED_GRAPHS_LIMIT = 64
 
 
 class CompiledOrEager:
@@ -50,7 +55,9 @@ class CompiledOrEager:
     def __call__(self, x: Tensor) -> Tensor:
         if self.enabled:
             try:
-                return self._compiled(x)
+                limit = max(COMPILED_GRAPHS_LIMIT, torch._dynamo.config.cache_size_limit)
+                with torch._dynamo.config.patch(cache_size_limit=limit):  # for this call only: no global change
+                    return self._compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); running eagerly",
                               RuntimeWarning, stacklevel=2)
@@ -99,12 +106,16 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def forward_of(model: nn.Module, compiled: bool, chunk: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``model``'s forward, compiled or not, over chunks of ``chunk`` images where that is exact.
+    """``model``'s forward for training: compiled on whole batches, or eager over chunks of ``chunk`` images.
 
-    The parameters stay the module's own, so an optimizer over ``model.parameters()`` still sees them.  Chunking
-    is skipped for models with batch norm (statistics over the whole batch) and when ``chunk`` is ``None``.
+    Chunking pays for eager passes (a 256-image ConvNet-3 training step: 0.52-0.69 s per 100 images in chunks of
+    16 against 0.77-0.79 s whole) but not for compiled ones, whose fused graph is already cache-friendly
+    (interleaved on 2 cores: 100 images 0.41 s whole against 0.43-0.46 s in chunks; 256 images 0.48 against
+    0.45 s).  The parameters stay the module's own, so an optimizer over ``model.parameters()`` still sees
+    them.  Chunking is skipped for models with batch norm (statistics over the whole batch).
     """
-    fn: Callable[[Tensor], Tensor] = CompiledOrEager(model) if compiled else model
+    if compiled:
+        return CompiledOrEager(model)
     if chunk is None or chunk < 1 or has_batchnorm(model):
-        return fn
-    return ChunkedForward(fn, chunk)
+        return model
+    return ChunkedForward(model, chunk)
