@@ -152,3 +152,24 @@ def test_cafe_learns_on_digits(digits):
     distill(d, digits, syn, iterations=1, seed=0)
     after = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     assert after - before > 30.0, (before, after)
+
+
+def test_compiled_reading_equals_the_eager_one_and_follows_the_network(digits):
+    """compile=on: the stopping-rule reading through a compiled eval-mode copy gives the eager reading, also
+    after the network has changed (the copy is refreshed at every reading)."""
+    syn = SyntheticSet.from_real(digits, 1, make_generator(0), init="noise")
+    readers = {}
+    for mode in ("on", "off"):
+        d = CAFEDistiller(CAFEConfig(**{**FAST, "watch_per_class": 40}, compile=mode))
+        d.setup(digits, syn, make_generator(0, "setup"))
+        readers[mode] = d
+    assert readers["on"].reader.enabled and not readers["off"].reader.enabled
+    net = readers["off"].new_network(digits, make_generator(1, "net")).train()
+    for _ in range(2):
+        got = readers["on"].real_accuracy(net, digits, make_generator(2, "read"))
+        want = readers["off"].real_accuracy(net, digits, make_generator(2, "read"))
+        assert got == pytest.approx(want, abs=1e-9)
+        assert net.training  # the reading restores the mode
+        with torch.no_grad():  # change the network: the next reading must see it
+            for p in net.parameters():
+                p.add_(0.5 * torch.randn_like(p))

@@ -50,8 +50,10 @@ from ..evaluation.train import classification_loss, train_model
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
+from ..functional.compiled import CPU_CHUNK_PIXELS, resolve_compile
 from .dm import (
     ClassBatch,
+    CompiledEmbedder,
     Params,
     augment_by_class,
     chunk_size,
@@ -96,6 +98,11 @@ class CAFEConfig(DistillConfig):
     max_updates: int = 100  # ours: cap on image updates per outer iteration (the official loop is unbounded)
     max_inner_epochs: int = 100  # ours: cap on training epochs per inner loop (unbounded officially)
     real_chunk: int = 0  # real images per no-grad forward chunk; 0 = automatic (see dm.CPU_REAL_CHUNK)
+    #: compile the stopping-rule readings' forward (eval mode, channels-last, chunks of CPU_CHUNK_PIXELS), the
+    #: part of an outer iteration that runs most often: "auto" (CPU float32 runs of >= 100 outer iterations),
+    #: "on" or "off".  Compiled logits differ from eager ones by float rounding only, so a reading can differ
+    #: only where two classes' logits tie to rounding.
+    compile: str = "auto"
 
     def layer_weights(self) -> list[float]:
         """Weights deepest first."""
@@ -201,6 +208,7 @@ class CAFEDistiller(Distiller):
     def __init__(self, config: CAFEConfig | None = None, *, device: str | torch.device = "cpu") -> None:
         super().__init__(config, device=device)
         self.aug: DSA = DSA.from_strategy(None)
+        self.reader = CompiledEmbedder(False, entry="forward")
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
 
@@ -216,6 +224,8 @@ class CAFEDistiller(Distiller):
         cfg.decay_milestones()  # validate early
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name) if cfg.dsa else DSA.from_strategy(None)
+        self.reader = CompiledEmbedder(resolve_compile(cfg.compile, self.device, syn.images.dtype,
+                                                       long_run=self.planned_iterations() >= 100), entry="forward")
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)
@@ -329,13 +339,17 @@ class CAFEDistiller(Distiller):
         batch = sample_per_class(real, cfg.watch_per_class, generator, self.device)
         was_training = net.training
         net.eval()
+        forward = self.reader.bind(net)  # net itself, or a compiled copy holding its current state and mode
         correct = torch.zeros(real.num_classes, device=self.device)
         total = batch.images.shape[0]
-        chunk = chunk_size(cfg.real_chunk, total, self.device, batchnorm=False)
+        if self.reader.enabled and self.device.type == "cpu" and not cfg.real_chunk:
+            chunk = max(1, CPU_CHUNK_PIXELS // (batch.images.shape[-1] * batch.images.shape[-2]))
+        else:
+            chunk = chunk_size(cfg.real_chunk, total, self.device, batchnorm=False)
         dtype = next(net.parameters()).dtype
         for start in range(0, total, chunk):
             labels = batch.labels[start:start + chunk]
-            pred = net(batch.images[start:start + chunk].to(dtype)).argmax(1)
+            pred = forward(batch.images[start:start + chunk].to(dtype)).argmax(1)
             correct.index_add_(0, labels, (pred == labels).to(correct.dtype))
         net.train(was_training)
         counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)

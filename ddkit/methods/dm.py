@@ -222,19 +222,20 @@ class CompiledEmbedder:
     (benchmarks/RESULTS.md, issue 3).  A compile failure falls back to eager with a warning.
     """
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, entry: str = "features") -> None:
         self.enabled = enabled
+        self.entry = entry  # the module method to run: "features" (DM) or "forward" (logits, CAFE's readings)
         self.module: nn.Module | None = None
         self._compiled: CompiledOrEager | None = None
 
     def bind(self, net: nn.Module) -> Callable[[Tensor], Tensor]:
-        """A features function with ``net``'s parameters."""
+        """The ``entry`` function with ``net``'s current parameters, buffers and train/eval mode."""
         if not self.enabled:
-            return net.features
+            return getattr(net, self.entry)
         if self.module is None or type(self.module) is not type(net):
             # channels-last suits the compiled graph (fused NHWC normalisation), unlike the eager GroupNorm
-            self.module = copy.deepcopy(net).to(memory_format=torch.channels_last)
-            self._compiled = CompiledOrEager(self.module.features)
+            self.module = copy.deepcopy(net).requires_grad_(False).to(memory_format=torch.channels_last)
+            self._compiled = CompiledOrEager(getattr(self.module, self.entry))
         else:
             with torch.no_grad():
                 for mine, theirs in zip(self.module.state_dict().values(), net.state_dict().values()):
