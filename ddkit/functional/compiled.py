@@ -6,7 +6,8 @@ passes around each convolution; benchmarks/RESULTS.md).  Passes over small chunk
 Fashion-MNIST images) keep each chunk's activations in cache: a 256-image training step ran 1.6x faster that way
 eager and 1.2x compiled; :func:`forward_of` combines the two where each pays, and chunks only where that is exact
 (no batch norm).  Compiling costs about 20 s per graph, so it pays only on long runs: every user of this module
-resolves a ``compile`` option "auto" | "on" | "off", where "auto" means on for long float32 CPU runs only.  On accelerators "auto" stays off (no measurement there yet).
+resolves a ``compile`` option "auto" | "on" | "off", where "auto" means on for long float32 CPU runs only.  On
+accelerators "auto" stays off (no measurement there yet).
 """
 from __future__ import annotations
 

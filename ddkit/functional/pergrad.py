@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from .compiled import even_chunk
+
 ParamDict = dict[str, Tensor]
 
 
@@ -160,18 +162,29 @@ def per_class_grads_loop(
     case chunking changes the result, as it would in any implementation.
     """
     weights = _check(images, labels, weights)
-    k_classes, n = labels.shape
+    n = labels.shape[1]
     step = n if not sample_chunk or sample_chunk >= n else int(sample_chunk)
     wrt = {k: v.detach().requires_grad_(True) for k, v in diff.items()}
     names = list(wrt)
     loss_fn = _sum_loss(model, const)
+
+    def chunk_grads(c: int, s: slice) -> tuple[Tensor, ...]:
+        loss = loss_fn(wrt, images[c, s], labels[c, s], weights[c, s])
+        return torch.autograd.grad(loss, [wrt[k] for k in names], create_graph=create_graph)
+
+    return _class_loop(chunk_grads, names, weights, step)
+
+
+def _class_loop(chunk_grads: Callable[[int, slice], Sequence[Tensor]], names: list[str], weights: Tensor,
+                step: int) -> ParamDict:
+    """Sum ``chunk_grads(class, rows)`` over each class's chunks of ``step`` rows; stack classes; normalise."""
+    k_classes, n = weights.shape
     per_class: list[list[Tensor]] = []
     for c in range(k_classes):
         acc: list[Tensor] | None = None
-        for s in range(0, n, step):
+        for start in range(0, n, step):
             with torch.enable_grad():
-                loss = loss_fn(wrt, images[c, s:s + step], labels[c, s:s + step], weights[c, s:s + step])
-                part = torch.autograd.grad(loss, [wrt[k] for k in names], create_graph=create_graph)
+                part = chunk_grads(c, slice(start, start + step))
             acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
         assert acc is not None
         per_class.append(acc)
@@ -196,25 +209,18 @@ def per_class_grads_forward(
     compiled graph takes the parameters as graph inputs, whereas ``functional_call`` with fresh tensors would
     not reuse it.  No graph is kept.
     """
-    from .compiled import even_chunk  # equal chunks: one compiled graph shape
-
     weights = _check(images, labels, weights)
-    k_classes, n = labels.shape
+    n = labels.shape[1]
+    # equal chunks: one compiled graph shape
     step = n if not sample_chunk or sample_chunk >= n else even_chunk(n, int(sample_chunk))
     names = list(params)
-    per_class: list[list[Tensor]] = []
-    for c in range(k_classes):
-        acc: list[Tensor] | None = None
-        for s in range(0, n, step):
-            with torch.enable_grad():
-                logits = forward(images[c, s:s + step])
-                loss = (F.cross_entropy(logits, labels[c, s:s + step], reduction="none") * weights[c, s:s + step]).sum()
-                part = torch.autograd.grad(loss, [params[k] for k in names])
-            acc = list(part) if acc is None else [a + p for a, p in zip(acc, part)]
-        assert acc is not None
-        per_class.append(acc)
-    total = {k: torch.stack([g[i] for g in per_class]) for i, k in enumerate(names)}
-    return _normalise(total, weights)
+
+    def chunk_grads(c: int, s: slice) -> tuple[Tensor, ...]:
+        logits = forward(images[c, s])
+        loss = (F.cross_entropy(logits, labels[c, s], reduction="none") * weights[c, s]).sum()
+        return torch.autograd.grad(loss, [params[k] for k in names])
+
+    return _class_loop(chunk_grads, names, weights, step)
 
 
 def naive_per_class_grads(model: nn.Module, names: Sequence[str], images: Sequence[Tensor],
