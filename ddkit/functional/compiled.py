@@ -104,7 +104,8 @@ class ChunkedForward:
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether ``model`` has batch-norm layers (whose training-mode outputs depend on the whole batch)."""
+    """Whether ``model`` has batch-norm layers (whose training-mode outputs depend on the whole batch); the same
+    test as :attr:`ddkit.models.FeatureNet.uses_batchnorm`, for any module."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 

@@ -47,10 +47,10 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss, train_model
+from ..functional.compiled import cpu_chunk, has_batchnorm, resolve_compile
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
-from ..functional.compiled import CPU_CHUNK_PIXELS, resolve_compile
 from .dm import (
     ClassBatch,
     CompiledEmbedder,
@@ -297,7 +297,7 @@ class CAFEDistiller(Distiller):
         dtype = syn.images.dtype
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, k, generator, self.device)
-        bn = bool(getattr(net, "uses_batchnorm", False))
+        bn = has_batchnorm(net)
         stats = real_statistics(net, batch, self.aug, params, k, weights,
                                 chunk_size(cfg.real_chunk, batch.images.shape[0], self.device, bn), dtype)
         x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
@@ -342,8 +342,9 @@ class CAFEDistiller(Distiller):
         forward = self.reader.bind(net)  # net itself, or a compiled copy holding its current state and mode
         correct = torch.zeros(real.num_classes, device=self.device)
         total = batch.images.shape[0]
-        if self.reader.enabled and self.device.type == "cpu" and not cfg.real_chunk:
-            chunk = max(1, CPU_CHUNK_PIXELS // (batch.images.shape[-1] * batch.images.shape[-2]))
+        compiled_chunk = cpu_chunk(tuple(batch.images.shape), self.device) if self.reader.enabled else None
+        if compiled_chunk is not None and not cfg.real_chunk:
+            chunk = compiled_chunk
         else:
             chunk = chunk_size(cfg.real_chunk, total, self.device, batchnorm=False)
         dtype = next(net.parameters()).dtype

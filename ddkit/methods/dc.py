@@ -20,8 +20,9 @@ What differs from the official code, and why the result is the same:
   class axis, and each class's gradient accumulated over small chunks of its batch.  ``grad_mode='auto'``
   takes the faster one per side and device: on accelerators everything batched (passes of up to 2560
   CIFAR-sized images); on CPU (where batching buys little and cache-sized passes buy more) the real side per
-  class in chunks of about 16 Fashion-MNIST images, the synthetic side batched for small classes.  The inner network epochs likewise run
-  the forward in chunks (:func:`ddkit.functional.compiled.forward_of`, the same SGD step).  ``tests/test_pergrad.py`` and
+  class in chunks of about 16 Fashion-MNIST images, the synthetic side batched for small classes.  The inner
+  network epochs likewise run the forward in chunks (:func:`ddkit.functional.compiled.forward_of`, the same SGD
+  step).  ``tests/test_pergrad.py`` and
   ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
   formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm, InstanceNorm modules)
   use the per-class loop on the synthetic side.
@@ -45,7 +46,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import train_model
-from ..functional.compiled import CPU_CHUNK_PIXELS, CompiledOrEager, forward_of, resolve_compile
+from ..functional.compiled import CPU_CHUNK_PIXELS, CompiledOrEager, forward_of, has_batchnorm, resolve_compile
 from ..functional.distances import check_distance, contributes, match_distance
 from ..functional.pergrad import (
     ParamDict,
@@ -178,7 +179,6 @@ def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tenso
         g_real = per_class_grads_forward(real_forward, {k: own[k] for k in diff}, real_images,
                                          class_labels(*real_images.shape[:2], real_images.device), real_weights,
                                          sample_chunk=real_chunk)
-        g_real = {k: g.detach() for k, g in g_real.items()}
     else:
         with torch.no_grad():
             g_real = class_grads(net, diff, const, real_images, real_weights, mode=real_mode, second_order=False,
@@ -214,10 +214,6 @@ def freeze_batchnorm(net: nn.Module, real: RealData, per_class: int, generator: 
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
-
-def uses_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 # ------------------------------------------------------------------------------------------------------- method
@@ -288,12 +284,12 @@ class DCDistiller(Distiller):
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         compiled = self.compiled(syn.images.dtype)
-        # the real side's first-order passes share the compiled graph with the inner network updates
-        real_forward = CompiledOrEager(net) if compiled and self.grad_modes(1)[0] == "loop" else None
+        # the real side's first-order passes (per-class loop) share the compiled graph with the inner updates
+        real_forward = CompiledOrEager(net) if compiled else None
         total, t_match, t_net = 0.0, 0.0, 0.0
         for ol in range(outer):
             t0 = time.perf_counter()
-            if uses_batchnorm(net):
+            if has_batchnorm(net):
                 freeze_batchnorm(net, real, cfg.bn_images_per_class, generator, self.device)
             loss = self.matching_loss(net, real, syn, generator, real_forward=real_forward)
             self.optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..augment import DEFAULT_STRATEGY, DSA
 from ..data.realdata import RealData
-from ..functional.compiled import CPU_CHUNK_PIXELS, ChunkedForward, CompiledOrEager, resolve_compile
+from ..functional.compiled import ChunkedForward, CompiledOrEager, cpu_chunk, has_batchnorm, resolve_compile
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -42,10 +42,10 @@ Params = dict[str, Tensor]
 #: (128 x 32 x 32 floats per image for ConvNet-3 on 28x28 input) in the last-level cache and bound memory,
 #: which is what makes the real branch fast on CPU (benchmarks/bench_dm_cafe.py).  Accelerators use one chunk.
 CPU_REAL_CHUNK = 64
-#: The compiled forward (channels-last) takes chunks of CPU_CHUNK_PIXELS input pixels (16 Fashion-MNIST images, 196
-#: 8x8 digits) on both branches: on 2 cores (AMD EPYC, AVX2), a Fashion-MNIST ConvNet-3 forward of 2560 images
-#: took 2.7 s in chunks of 16, 3.3 s in chunks of 64, 4.4 s compiled NCHW in chunks of 256, against about 7 s
-#: eager (benchmarks/RESULTS.md, issue 3).
+# The compiled forward (channels-last) takes chunks of CPU_CHUNK_PIXELS input pixels (16 Fashion-MNIST images, 196
+# 8x8 digits; compiled.cpu_chunk) on both branches: on 2 cores (AMD EPYC, AVX2), a Fashion-MNIST ConvNet-3
+# forward of 2560 images took 2.7 s in chunks of 16, 3.3 s in chunks of 64, 4.4 s compiled NCHW in chunks of 256,
+# against about 7 s eager (benchmarks/RESULTS.md, issue 3).
 
 #: DM README: "for CIFAR10 dataset we set --lr_img 1 for --ipc = 1/10/50, --lr_img 10 for
 #: --ipc = 100/200/500/1000/1250.  For CIFAR100 dataset, we set --lr_img 1 for --ipc = 1/10/50/100/125."
@@ -306,9 +306,8 @@ class DMDistiller(Distiller):
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
         compiled_cpu = self.encoder.enabled and self.device.type == "cpu"
-        pixels = batch.images.shape[-1] * batch.images.shape[-2]
-        requested = cfg.real_chunk or (max(1, CPU_CHUNK_PIXELS // pixels) if compiled_cpu else 0)
-        chunk = chunk_size(requested, batch.images.shape[0], self.device, _uses_bn(net))
+        requested = cfg.real_chunk or (cpu_chunk(tuple(batch.images.shape), self.device) if compiled_cpu else 0)
+        chunk = chunk_size(requested, batch.images.shape[0], self.device, has_batchnorm(net))
         features = self.encoder.bind(net)
         real_means = real_feature_means(features, batch, self.aug, params, real.num_classes, chunk,
                                         dtype, cfg.channels_last)
@@ -319,9 +318,10 @@ class DMDistiller(Distiller):
         cfg: DMConfig = self.config  # type: ignore[assignment]
         x = augment_by_class(self.aug, images, row_class, draw.params)
         features = draw.features
-        if self.encoder.enabled and self.device.type == "cpu" and not _uses_bn(draw.net):
+        chunk = cpu_chunk(tuple(x.shape), self.device)
+        if self.encoder.enabled and chunk is not None and not has_batchnorm(draw.net):
             # cache-sized passes, as on the real branch (exact: samples are independent without batch norm)
-            features = ChunkedForward(features, max(1, CPU_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2])))
+            features = ChunkedForward(features, chunk)
         feats = features(to_layout(x, cfg.channels_last))
         return class_means(feats, labels, num_classes)
 
@@ -354,13 +354,6 @@ class DMDistiller(Distiller):
             total += float(loss_c.detach())
         self.optimizer.step()
         return {"loss": total, "loss_per_class": total / real.num_classes}
-
-
-def _uses_bn(net: nn.Module) -> bool:
-    flag = getattr(net, "uses_batchnorm", None)
-    if flag is None:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-    return bool(flag)
 
 
 @torch.no_grad()
