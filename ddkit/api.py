@@ -22,7 +22,7 @@ from .config import RunConfig, apply_setting, to_yaml_dict, yaml_dump
 from .data import load_dataset
 from .data.preprocess import Preprocess
 from .data.realdata import RealData
-from .engine import GridSaver, MetricsLogger, PeriodicEval, ProgressBar, distill as run_engine, make_generator
+from .engine import Callback, GridSaver, MetricsLogger, PeriodicEval, ProgressBar, distill as run_engine, make_generator
 from .errors import ConfigError, DataError
 from .evaluation import EvalProtocol
 from .io import atomic_write_text
@@ -83,6 +83,19 @@ def distill(
     return syn.cpu()
 
 
+class ConfigWriter(Callback):
+    """Writes the resolved ``config.yaml`` when the run starts, i.e. after the method's ``setup`` has accepted
+    the configuration (options such as ``compile`` or ``grad_mode`` are checked there), so that a run the method
+    rejects leaves nothing in the output folder."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+
+    def on_start(self, state: Any) -> None:
+        atomic_write_text(self.path, self.text)
+
+
 def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> SyntheticSet:
     """What ``ddkit distill`` does: resolve, load, distill with checkpoints/logs/grids, save the set."""
     out = Path(out_dir)
@@ -95,9 +108,9 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     dev = resolve_device(cfg.device)
     if resume and not (out / "checkpoint.safetensors").exists():
         raise ConfigError(f"--resume: no checkpoint in {out}; start without --resume")
-    atomic_write_text(out / "config.yaml", yaml_dump(to_yaml_dict(cfg, mcfg)))
     logger = MetricsLogger(out / "metrics.jsonl")
-    callbacks: list[Any] = [logger, GridSaver(out, cfg.engine.grid_every)]
+    callbacks: list[Any] = [ConfigWriter(out / "config.yaml", yaml_dump(to_yaml_dict(cfg, mcfg))), logger,
+                            GridSaver(out, cfg.engine.grid_every)]
     if cfg.engine.progress:
         callbacks.insert(0, ProgressBar())
     if cfg.engine.eval_every > 0:

@@ -81,6 +81,8 @@ def test_evaluate_full_dataset(tmp_path, capsys):
         (["evaluate", "{tmp}/bogus.safetensors"], "not a ddkit synthetic set"),
         (["evaluate", "--full", "--dataset", "digits", "--models", "convnet3"], "unknown model 'convnet3'"),
         (["distill", "--method", "random", "--out", "{tmp}/fresh", "--resume"], "no checkpoint"),
+        # rejected by the method's setup, after the data has loaded
+        (["distill", "--method", "dc", "--set", "method.compile=fast", "--out", "X"], "compile must be one of"),
     ],
 )
 def test_bad_input_is_one_line(argv, pattern, tmp_path, capsys):
@@ -92,6 +94,7 @@ def test_bad_input_is_one_line(argv, pattern, tmp_path, capsys):
     line = one_line_error(code, err)
     assert re.search(pattern, line), line
     assert not (tmp_path / "out" / "synset.safetensors").exists()
+    assert not (tmp_path / "out" / "config.yaml").exists()  # nothing written for a rejected run
 
 
 def test_real_process_prints_no_traceback(tmp_path):
