@@ -64,8 +64,8 @@ def test_chunked_forward_is_the_same_function_and_skips_batchnorm():
     assert isinstance(fwd, ChunkedForward)
     torch.testing.assert_close(fwd(x), net(x), rtol=1e-12, atol=1e-12)
     calls = []
-    counted = ChunkedForward(lambda t: calls.append(t.shape[0]) or t, 4, whole_up_to=8)
-    counted(torch.zeros(8, 1)), counted(torch.zeros(12, 1))
-    assert calls == [8, 4, 4, 4]  # whole up to 8 rows, then equal chunks
+    counted = ChunkedForward(lambda t: calls.append(t.shape[0]) or t, 4)
+    counted(torch.zeros(4, 1)), counted(torch.zeros(12, 1))
+    assert calls == [4, 4, 4, 4]  # whole up to one chunk, then chunks
     bn = create_model("convnet_bn", channels=1, num_classes=10, image_size=(8, 8))
     assert forward_of(bn, compiled=False, chunk=3) is bn  # batch statistics need the whole batch

@@ -3,9 +3,9 @@
 On the 2-core CPUs this project is measured on, a compiled ConvNet-3 runs a training step about 1.5x faster and a
 no-grad forward about 1.7x faster than eager (Inductor fuses normalisation, activation and pooling into the
 passes around each convolution; benchmarks/RESULTS.md).  Passes over small chunks of a batch (about 16
-Fashion-MNIST images) keep each chunk's activations in cache: a 256-image training step ran 1.6x faster that way
-eager and 1.2x compiled; :func:`forward_of` combines the two where each pays, and chunks only where that is exact
-(no batch norm).  Compiling costs about 20 s per graph, so it pays only on long runs: every user of this module
+Fashion-MNIST images) keep each chunk's activations in cache: an eager 256-image training step ran 1.4-1.6x
+faster that way, a compiled one no faster; :func:`forward_of` therefore chunks eager passes only, and only where
+that is exact (no batch norm).  Compiling costs about 20 s per graph, so it pays only on long runs: every user of this module
 resolves a ``compile`` option "auto" | "on" | "off", where "auto" means on for long float32 CPU runs only.  On
 accelerators "auto" stays off (no measurement there yet).
 """
@@ -23,8 +23,8 @@ COMPILE_MODES = ("auto", "on", "off")
 
 #: CPU: input pixels per forward pass (16 Fashion-MNIST images, 196 8x8 digits, 12 CIFAR images).  Small passes keep
 #: a pass's activations (128 x 32 x 32 floats per 28x28 image after ConvNet-3's first conv) in cache; on 2 cores
-#: a training step over 256 images took 1.26 s eager in chunks of 16 against 2.01 s whole, and 1.13 s compiled in
-#: chunks against 1.36 s whole (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
+#: an eager training step over 256 images took 1.26-1.34 s in chunks of 16 against 1.85-2.01 s whole
+#: (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
 
 
@@ -85,20 +85,18 @@ def even_chunk(n: int, chunk: int) -> int:
 
 
 class ChunkedForward:
-    """``fn`` applied to consecutive chunks of the batch, outputs concatenated; batches of at most
-    ``whole_up_to`` rows (default ``chunk``) go through in one piece.
+    """``fn`` applied to consecutive chunks of the batch, outputs concatenated.
 
     The same function as ``fn`` when samples are independent (no batch norm), so training through it takes the
     same SGD steps, while each operation works on a cache-sized tensor (faster on CPU).
     """
 
-    def __init__(self, fn: Callable[[Tensor], Tensor], chunk: int, whole_up_to: int | None = None) -> None:
+    def __init__(self, fn: Callable[[Tensor], Tensor], chunk: int) -> None:
         self.fn = fn
         self.chunk = int(chunk)
-        self.whole_up_to = self.chunk if whole_up_to is None else int(whole_up_to)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[0] <= self.whole_up_to:
+        if x.shape[0] <= self.chunk:
             return self.fn(x)
         return torch.cat([self.fn(part) for part in x.split(even_chunk(x.shape[0], self.chunk))])
 
@@ -109,22 +107,17 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-#: Compiled passes chunk only batches larger than this many chunks: on 2 cores, a compiled ConvNet-3 training step
-#: on 100 Fashion-MNIST images was fastest whole (0.41 s per 100 images against 0.43-0.46 s in chunks,
-#: interleaved), on 256 images in chunks of 16 (1.13 s against 1.36 s whole, ``bench_levers``).
-COMPILED_WHOLE_CHUNKS = 8
-
-
 def forward_of(model: nn.Module, compiled: bool, chunk: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``model``'s forward for training, compiled or eager, over chunks of ``chunk`` images where that pays.
+    """``model``'s forward for training: compiled on whole batches, or eager over chunks of ``chunk`` images.
 
-    Eager passes always chunk (a 256-image ConvNet-3 step: 1.26 s in chunks of 16 against 2.01 s whole);
-    compiled ones only batches above ``COMPILED_WHOLE_CHUNKS`` chunks, since the fused graph is already
-    cache-friendly on small batches.  The parameters stay the module's own, so an optimizer over
-    ``model.parameters()`` still sees them.  Chunking is skipped for models with batch norm (statistics over the
-    whole batch) and when ``chunk`` is ``None``.
+    Chunking pays for eager passes (a 256-image ConvNet-3 step: 1.26-1.34 s in chunks of 16 against 1.85-2.01 s
+    whole) but not for compiled ones, whose fused graph is already cache-friendly (256 images: 1.16 s either
+    way; 100 images, interleaved: 0.41 s per 100 images whole against 0.43-0.46 s in chunks).  The parameters
+    stay the module's own, so an optimizer over ``model.parameters()`` still sees them.  Chunking is skipped for
+    models with batch norm (statistics over the whole batch) and when ``chunk`` is ``None``.
     """
-    fn: Callable[[Tensor], Tensor] = CompiledOrEager(model) if compiled else model
+    if compiled:
+        return CompiledOrEager(model)
     if chunk is None or chunk < 1 or has_batchnorm(model):
-        return fn
-    return ChunkedForward(fn, chunk, whole_up_to=chunk * COMPILED_WHOLE_CHUNKS if compiled else chunk)
+        return model
+    return ChunkedForward(model, chunk)
