@@ -151,7 +151,17 @@ def dm_split_step(distiller, real, syn, generator) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- accuracy
 def cmd_accuracy(args: argparse.Namespace) -> None:
     from ddkit.engine import distill
+    from ddkit.engine.callbacks import Callback
     from ddkit.evaluation import EvalProtocol, evaluate
+
+    class Record(Callback):
+        """Keeps each iteration's metrics (CAFE: image updates, inner epochs, seconds)."""
+
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def on_iteration_end(self, state) -> None:
+            self.rows.append(dict(state.metrics))
 
     overrides = json.loads(args.set) if args.set else {}
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
@@ -160,7 +170,8 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     before = evaluate(syn, real, protocol, seed=args.seed)
     t_eval = time.perf_counter() - t0
     t0 = time.perf_counter()
-    distill(distiller, real, syn, iterations=args.iters, seed=args.seed)
+    record = Record()
+    distill(distiller, real, syn, iterations=args.iters, seed=args.seed, callbacks=[record])
     t_distill = time.perf_counter() - t0
     after = evaluate(syn, real, protocol, seed=args.seed)
     accs = {"init": [r.accuracy for r in before.rows], "after": [r.accuracy for r in after.rows]}
@@ -168,7 +179,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
         "method": args.method, "ipc": args.ipc, "iters": args.iters, "runs": args.runs, "epochs": args.epochs,
         "dsa_eval": True, "seed": args.seed, "accuracy": accs, "distill_s": t_distill,
         "eval_s_per_model": t_eval / max(args.runs, 1), "overrides": overrides, "machine": machine(),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(), "metrics": record.rows,
     }
     name = f"acc_{args.method}_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
     print(save(name, result))

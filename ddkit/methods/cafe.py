@@ -36,6 +36,7 @@ Deliberate differences, each noted where it is implemented:
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -211,6 +212,7 @@ class CAFEDistiller(Distiller):
         self.reader = CompiledEmbedder(False, entry="forward")
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
+        self._reading_seconds = 0.0  # time spent in real_accuracy during the current step
 
     @classmethod
     def default_config(cls, dataset: str, ipc: int) -> CAFEConfig:
@@ -243,21 +245,29 @@ class CAFEDistiller(Distiller):
         updates = inner_epochs = capped_inner = 0
         capped_outer = 1
         reading = 0.0
+        self._reading_seconds = 0.0
+        t_update = t_train = 0.0
         while updates < cfg.max_updates:
+            t0 = time.perf_counter()
             for key, value in self._image_update(net, real, syn, generator).items():
                 totals[key] += value
             updates += 1
+            t_update += time.perf_counter() - t0
             reading = self.real_accuracy(net, real, generator)
             if _window_done(outer, reading, cfg.watch_window, lambda r: r < cfg.lambda_1):
                 capped_outer = 0
                 break
+            t0, r0 = time.perf_counter(), self._reading_seconds
             epochs = self._train_network(net, net_opt, real, syn, generator)
+            t_train += time.perf_counter() - t0 - (self._reading_seconds - r0)
             inner_epochs += epochs
             capped_inner += int(epochs >= cfg.max_inner_epochs)
         metrics = {key: value / max(updates, 1) for key, value in totals.items()}
         metrics.update(updates=float(updates), inner_epochs=float(inner_epochs), real_acc=reading,
                        capped_outer=float(capped_outer), capped_inner=float(capped_inner),
-                       lr_img=float(self.optimizer.param_groups[0]["lr"]))
+                       lr_img=float(self.optimizer.param_groups[0]["lr"]),
+                       # where the time goes: the stopping-rule readings (all), image updates, network epochs
+                       seconds_reading=self._reading_seconds, seconds_update=t_update, seconds_train=t_train)
         return metrics
 
     def _set_image_lr(self, it: int) -> None:
@@ -336,6 +346,7 @@ class CAFEDistiller(Distiller):
         whatever mode the network was left (train mode at first, so BN would normalise a one-class batch).
         """
         cfg: CAFEConfig = self.config  # type: ignore[assignment]
+        t0 = time.perf_counter()
         batch = sample_per_class(real, cfg.watch_per_class, generator, self.device)
         was_training = net.training
         net.eval()
@@ -354,7 +365,9 @@ class CAFEDistiller(Distiller):
             correct.index_add_(0, labels, (pred == labels).to(correct.dtype))
         net.train(was_training)
         counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)
-        return float((correct / counts).mean())
+        reading = float((correct / counts).mean())
+        self._reading_seconds += time.perf_counter() - t0
+        return reading
 
 
 def _item(value: Tensor | float) -> float:
