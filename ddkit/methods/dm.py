@@ -72,7 +72,8 @@ class DMConfig(DistillConfig):
     #: real images per no-grad forward chunk; 0 = automatic (CPU_REAL_CHUNK on CPU, everything at once on
     #: accelerators).  Ignored for batch-norm embedders, whose statistics need the whole real batch.
     real_chunk: int = 0
-    #: run the embedder in channels-last layout (measured slower on CPU: GroupNorm has no fast NHWC kernel)
+    #: run the *eager* embedder in channels-last layout (measured slower on CPU: the eager GroupNorm has no fast
+    #: NHWC kernel); the compiled embedder (``compile``) always runs channels-last, where it is faster
     channels_last: bool = False
     #: compile the embedder's forward with torch.compile: "auto" (on for CPU runs of >= 1000 iterations in
     #: float32, where the one-off compile time of about a minute is amortised), "on" or "off".  Both branches
