@@ -48,8 +48,9 @@ def mean_std(xs: list[float]) -> str:
     if not xs:
         return "–"
     m = statistics.fmean(xs)
-    s = statistics.pstdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.1f} ± {s:.1f}"
+    if len(xs) == 1:
+        return f"{m:.1f}"  # one model has no spread: "± 0.0" would claim one
+    return f"{m:.1f} ± {statistics.pstdev(xs):.1f}"
 
 
 #: Published ConvNet-3 accuracies at IPC 1 / 10 / 50 (anchors.md section 1b): DC README / DSA README Tab. 2,
