@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss, train_model
-from ..functional.compiled import cpu_chunk, has_batchnorm, resolve_compile
+from ..functional.compiled import has_batchnorm, resolve_compile
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -212,7 +212,6 @@ class CAFEDistiller(Distiller):
         self.reader = CompiledEmbedder(False, entry="forward")
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
-        self._reading_seconds = 0.0  # time spent in real_accuracy during the current step
 
     @classmethod
     def default_config(cls, dataset: str, ipc: int) -> CAFEConfig:
@@ -245,21 +244,27 @@ class CAFEDistiller(Distiller):
         updates = inner_epochs = capped_inner = 0
         capped_outer = 1
         reading = 0.0
-        self._reading_seconds = 0.0
-        t_update = t_train = 0.0
+        seconds = {"reading": 0.0, "update": 0.0, "train": 0.0}  # where the outer iteration's time goes
+
+        def read() -> float:
+            t0 = time.perf_counter()
+            value = self.real_accuracy(net, real, generator)
+            seconds["reading"] += time.perf_counter() - t0
+            return value
+
         while updates < cfg.max_updates:
             t0 = time.perf_counter()
             for key, value in self._image_update(net, real, syn, generator).items():
                 totals[key] += value
             updates += 1
-            t_update += time.perf_counter() - t0
-            reading = self.real_accuracy(net, real, generator)
+            seconds["update"] += time.perf_counter() - t0
+            reading = read()
             if _window_done(outer, reading, cfg.watch_window, lambda r: r < cfg.lambda_1):
                 capped_outer = 0
                 break
-            t0, r0 = time.perf_counter(), self._reading_seconds
-            epochs = self._train_network(net, net_opt, real, syn, generator)
-            t_train += time.perf_counter() - t0 - (self._reading_seconds - r0)
+            t0, read_before = time.perf_counter(), seconds["reading"]
+            epochs = self._train_network(net, net_opt, syn, generator, read)
+            seconds["train"] += time.perf_counter() - t0 - (seconds["reading"] - read_before)
             inner_epochs += epochs
             capped_inner += int(epochs >= cfg.max_inner_epochs)
         metrics = {key: value / max(updates, 1) for key, value in totals.items()}
@@ -267,7 +272,8 @@ class CAFEDistiller(Distiller):
                        capped_outer=float(capped_outer), capped_inner=float(capped_inner),
                        lr_img=float(self.optimizer.param_groups[0]["lr"]),
                        # where the time goes: the stopping-rule readings (all), image updates, network epochs
-                       seconds_reading=self._reading_seconds, seconds_update=t_update, seconds_train=t_train)
+                       seconds_reading=seconds["reading"], seconds_update=seconds["update"],
+                       seconds_train=seconds["train"])
         return metrics
 
     def _set_image_lr(self, it: int) -> None:
@@ -277,9 +283,10 @@ class CAFEDistiller(Distiller):
         for group in self.optimizer.param_groups:  # type: ignore[union-attr]
             group["lr"] = cfg.lr_img * cfg.lr_decay ** passed
 
-    def _train_network(self, net: nn.Module, net_opt: torch.optim.Optimizer, real: RealData, syn: SyntheticSet,
-                       generator: torch.Generator) -> int:
-        """Train on the synthetic set until the last ``watch_window`` readings span more than lambda_2."""
+    def _train_network(self, net: nn.Module, net_opt: torch.optim.Optimizer, syn: SyntheticSet,
+                       generator: torch.Generator, read: Callable[[], float]) -> int:
+        """Train on the synthetic set until the last ``watch_window`` readings (``read()``: the network's real
+        accuracy) span more than lambda_2."""
         cfg: CAFEConfig = self.config  # type: ignore[assignment]
         net.requires_grad_(True)
         images, labels = syn.images.detach(), syn.labels.detach()
@@ -291,7 +298,7 @@ class CAFEDistiller(Distiller):
                         weight_decay=0.0, batch_size=cfg.batch_train, decay_at_half=False, augment=augment,
                         optimizer=net_opt)
             epochs += 1
-            if _window_done(window, self.real_accuracy(net, real, generator), cfg.watch_window,
+            if _window_done(window, read(), cfg.watch_window,
                             lambda r: r > cfg.lambda_2):
                 break
         return epochs
@@ -309,7 +316,7 @@ class CAFEDistiller(Distiller):
         params = sample_class_params(self.aug, k, generator, self.device)
         bn = has_batchnorm(net)
         stats = real_statistics(net, batch, self.aug, params, k, weights,
-                                chunk_size(cfg.real_chunk, batch.images.shape[0], self.device, bn), dtype)
+                                chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, bn), dtype)
         x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
         taps, emb = feature_taps(net, x)
         middle = sum(w * ((stats.tap_means[i] - class_means(taps[i], self._syn_labels, k)) ** 2).sum()
@@ -346,18 +353,14 @@ class CAFEDistiller(Distiller):
         whatever mode the network was left (train mode at first, so BN would normalise a one-class batch).
         """
         cfg: CAFEConfig = self.config  # type: ignore[assignment]
-        t0 = time.perf_counter()
         batch = sample_per_class(real, cfg.watch_per_class, generator, self.device)
         was_training = net.training
         net.eval()
         forward = self.reader.bind(net)  # net itself, or a compiled copy holding its current state and mode
         correct = torch.zeros(real.num_classes, device=self.device)
         total = batch.images.shape[0]
-        compiled_chunk = cpu_chunk(tuple(batch.images.shape), self.device) if self.reader.enabled else None
-        if compiled_chunk is not None and not cfg.real_chunk:
-            chunk = compiled_chunk
-        else:
-            chunk = chunk_size(cfg.real_chunk, total, self.device, batchnorm=False)
+        chunk = chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, batchnorm=False,
+                           compiled=self.reader.enabled)
         dtype = next(net.parameters()).dtype
         for start in range(0, total, chunk):
             labels = batch.labels[start:start + chunk]
@@ -365,9 +368,7 @@ class CAFEDistiller(Distiller):
             correct.index_add_(0, labels, (pred == labels).to(correct.dtype))
         net.train(was_training)
         counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)
-        reading = float((correct / counts).mean())
-        self._reading_seconds += time.perf_counter() - t0
-        return reading
+        return float((correct / counts).mean())
 
 
 def _item(value: Tensor | float) -> float:

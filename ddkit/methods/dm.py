@@ -189,13 +189,19 @@ def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     return sums / counts.view(-1, *([1] * (feats.dim() - 1)))
 
 
-def chunk_size(requested: int, total: int, device: torch.device, batchnorm: bool) -> int:
-    """Rows per no-grad chunk: everything for BN nets (batch statistics) and accelerators, else the request."""
+def chunk_size(requested: int, images_shape: tuple[int, ...], device: torch.device, batchnorm: bool,
+               compiled: bool = False) -> int:
+    """Rows per no-grad chunk of a batch of ``images_shape``: everything for BN nets (batch statistics), else the
+    request, else on CPU the compiled forward's cache-sized chunk (``compiled``) or CPU_REAL_CHUNK, and on
+    accelerators everything."""
+    total = images_shape[0]
     if batchnorm or total == 0:
         return max(total, 1)
     if requested > 0:
         return requested
-    return CPU_REAL_CHUNK if device.type == "cpu" else total
+    if device.type != "cpu":
+        return total
+    return (cpu_chunk(images_shape, device) or CPU_REAL_CHUNK) if compiled else CPU_REAL_CHUNK
 
 
 def to_layout(x: Tensor, channels_last: bool) -> Tensor:
@@ -306,9 +312,8 @@ class DMDistiller(Distiller):
         net = frozen_embedder(self, real, generator, dtype, cfg.channels_last)
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
-        compiled_cpu = self.encoder.enabled and self.device.type == "cpu"
-        requested = cfg.real_chunk or (cpu_chunk(tuple(batch.images.shape), self.device) if compiled_cpu else 0)
-        chunk = chunk_size(requested, batch.images.shape[0], self.device, has_batchnorm(net))
+        chunk = chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, has_batchnorm(net),
+                           compiled=self.encoder.enabled)
         features = self.encoder.bind(net)
         real_means = real_feature_means(features, batch, self.aug, params, real.num_classes, chunk,
                                         dtype, cfg.channels_last)
