@@ -3,7 +3,7 @@
 Subcommands (run every timing under ``flock /tmp/ddkit-bench.lock`` so benchmarks never overlap)::
 
     python -m benchmarks.bench_dc micro --ipc 1            # which per-class gradient formulation is fastest
-    python -m benchmarks.bench_dc speed --method dc --ipc 1 --iters 10 [--variant naive]
+    python -m benchmarks.bench_dc speed --method dc --ipc 1 --iters 10 [--variant naive|paired]
     python -m benchmarks.bench_dc accuracy --method dc --ipc 1 --iters 50
     python -m benchmarks.bench_dc report                   # writes benchmarks/RESULTS_dc.md
 
@@ -151,6 +151,52 @@ def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
     }
     save(f"speed_{args.method}_ipc{args.ipc}_{args.variant}{args.tag}", out)
     return out
+
+
+def cmd_speed_paired(args: argparse.Namespace) -> dict[str, Any]:
+    """The official formulation (*naive*) and ddkit (*fast*) side by side in one process: each round runs one
+    outer iteration of each, alternating which goes first (naive first in odd rounds), on their own synthetic
+    sets from the same initialisation and their own generators with the same seed.  Both see the same machine
+    state, which a fresh process per variant does not guarantee on this VM (10-20 % drift).  Peak memory is not
+    separable here; take it from the single-variant runs."""
+    from ddkit.data import load_dataset
+    from ddkit.engine import make_generator
+    from ddkit.synthetic import SyntheticSet
+
+    torch.set_num_threads(args.threads)
+    real = load_dataset("fashion-mnist", args.data)
+    overrides = parse_overrides(args.set)
+    names = ("naive", "fast")
+    runs = {}
+    for name in names:
+        d = make(args.method, args.ipc, name, overrides)
+        d.run_iterations = args.iters + args.warmup
+        syn = SyntheticSet.from_real(real, args.ipc, make_generator(0, "init"), init=d.config.init)
+        generator = make_generator(0, "distill")
+        d.setup(real, syn, generator)
+        runs[name] = (d, syn, generator)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for it in range(1, args.warmup + args.iters + 1):
+        for name in (names if it % 2 else names[::-1]):
+            d, syn, generator = runs[name]
+            wall, cpu = time.perf_counter(), time.process_time()
+            metrics = d.step(it, real, syn, generator)
+            row = {**metrics, "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+            print(json.dumps({"round": it, "variant": name, **row}), file=sys.stderr, flush=True)
+            if it > args.warmup:
+                rows[name].append(row)
+    med = {name: {key: statistics.median(r[key] for r in rows[name])
+                  for key in ("seconds", "seconds_match", "seconds_inner", "cpu_seconds")} for name in names}
+    ratios = [f["seconds"] / n["seconds"] for f, n in zip(rows["fast"], rows["naive"])]
+    out = {
+        "kind": "speed_paired", "method": args.method, "ipc": args.ipc, "set": args.set,
+        "loops": list(runs["fast"][0].loops), "rounds": args.iters, "warmup": args.warmup, "rows": rows,
+        "median": med, "ratio_of_medians": med["fast"]["seconds"] / med["naive"]["seconds"],
+        "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
+        "threads": args.threads, "torch": torch.__version__,
+    }
+    save(f"speed_{args.method}_ipc{args.ipc}_paired{args.tag}", out)
+    return {k: out[k] for k in ("median", "ratio_of_medians", "round_ratios")}
 
 
 def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--ipc", type=int, default=1)
         p.add_argument("--iters", type=int, default=10)
         p.add_argument("--warmup", type=int, default=1, help="speed: leading iterations not counted")
-        p.add_argument("--variant", default="fast", choices=("fast", "naive"))
+        p.add_argument("--variant", default="fast", choices=("fast", "naive", "paired"),
+                       help="speed --variant paired: naive and fast alternating in one process")
         p.add_argument("--set", action="append", default=[], help="config override field=value")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--data", default=DATA)
@@ -377,7 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("report")
     rep.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    out = {"speed": cmd_speed, "accuracy": cmd_accuracy, "micro": cmd_micro, "report": cmd_report}[args.cmd](args)
+    if args.cmd == "speed" and args.variant == "paired":
+        args.cmd = "speed_paired"
+    out = {"speed": cmd_speed, "speed_paired": cmd_speed_paired, "accuracy": cmd_accuracy, "micro": cmd_micro, "report": cmd_report}[args.cmd](args)
     print(json.dumps(out))
 
 

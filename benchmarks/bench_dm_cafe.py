@@ -2,7 +2,7 @@
 
 Run every timing under ``flock /tmp/ddkit-bench.lock`` so that benchmarks never overlap::
 
-    python -m benchmarks.bench_dm_cafe speed --method dm --ipc 10 --iters 15 [--variant official]
+    python -m benchmarks.bench_dm_cafe speed --method dm --ipc 10 --iters 15 [--variant official|paired]
     python -m benchmarks.bench_dm_cafe accuracy --method dm --ipc 10 --iters 99
     python -m benchmarks.bench_dm_cafe speed --method cafe --ipc 1 --iters 2 --warmup 0
     python -m benchmarks.bench_dm_cafe accuracy --method cafe --ipc 1 --iters 2
@@ -110,6 +110,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
         step = lambda it: dm_split_step(distiller, real, syn, generator)  # noqa: E731
     else:
         step = lambda it: distiller.step(it, real, syn, generator)  # noqa: E731
+    if args.variant == "paired":
+        return cmd_speed_paired(args, real, distiller, syn, generator, overrides)
     times, metrics = [], []
     start = machine()
     for it in range(1, args.warmup + args.iters + 1):
@@ -131,6 +133,40 @@ def cmd_speed(args: argparse.Namespace) -> None:
     name = f"speed_{args.method}_{args.variant}_ipc{args.ipc}" + (f"_{args.tag}" if args.tag else "")
     print(save(name, result))
     print(json.dumps({k: result[k] for k in ("median_s", "peak_rss_mib", "median_metrics")}))
+
+
+def cmd_speed_paired(args: argparse.Namespace, real, distiller, syn, generator, overrides) -> None:
+    """DM, ddkit and the official formulation side by side in one process: each round runs one iteration of
+    each, alternating which goes first, so that both see the same machine state (this VM's speed drifts by
+    10-20 % between processes and sessions).  Reports each variant's median and the median of the per-round
+    ratios.  Peak memory is not separable here; take it from the single-variant runs."""
+    assert args.method == "dm", "the paired variant exists for DM only"
+    steps = {"ddkit": lambda it: distiller.step(it, real, syn, generator),
+             "official": lambda it: official_dm_step(distiller, real, syn, generator)}
+    times: dict[str, list[float]] = {"ddkit": [], "official": []}
+    start = machine()
+    for it in range(1, args.warmup + args.iters + 1):
+        order = ("official", "ddkit") if it % 2 else ("ddkit", "official")
+        row = {}
+        for name in order:
+            t0 = time.perf_counter()
+            steps[name](it)
+            row[name] = time.perf_counter() - t0
+            if it > args.warmup:
+                times[name].append(row[name])
+        print(f"round {it}: ddkit {row['ddkit']:.3f} s, official {row['official']:.3f} s, "
+              f"ratio {row['ddkit'] / row['official']:.3f}", flush=True)
+    ratios = [d / o for d, o in zip(times["ddkit"], times["official"])]
+    result = {
+        "method": args.method, "variant": "paired", "ipc": args.ipc, "iters": args.iters, "warmup": args.warmup,
+        "times": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "ratio_of_medians": statistics.median(times["ddkit"]) / statistics.median(times["official"]),
+        "median_round_ratio": statistics.median(ratios), "round_ratios": ratios, "overrides": overrides,
+        "machine": start, "load_avg_at_end": os.getloadavg(),
+    }
+    name = f"speed_dm_paired_ipc{args.ipc}" + (f"_{args.tag}" if args.tag else "")
+    print(save(name, result))
+    print(json.dumps({k: result[k] for k in ("median_s", "ratio_of_medians", "median_round_ratio")}))
 
 
 def dm_split_step(distiller, real, syn, generator) -> dict[str, float]:
@@ -167,23 +203,23 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, dsa=True)
     t0 = time.perf_counter()
-    before = evaluate(syn, real, protocol, seed=args.seed)
+    before = None if args.skip_init else evaluate(syn, real, protocol, seed=args.seed)
     t_eval = time.perf_counter() - t0
     t0 = time.perf_counter()
     record = Record()
     distill(distiller, real, syn, iterations=args.iters, seed=args.seed, callbacks=[record])
     t_distill = time.perf_counter() - t0
     after = evaluate(syn, real, protocol, seed=args.seed)
-    accs = {"init": [r.accuracy for r in before.rows], "after": [r.accuracy for r in after.rows]}
+    accs = {"init": [r.accuracy for r in before.rows] if before else [], "after": [r.accuracy for r in after.rows]}
     result = {
         "method": args.method, "ipc": args.ipc, "iters": args.iters, "runs": args.runs, "epochs": args.epochs,
         "dsa_eval": True, "seed": args.seed, "accuracy": accs, "distill_s": t_distill,
-        "eval_s_per_model": t_eval / max(args.runs, 1), "overrides": overrides, "machine": machine(),
+        "eval_s_per_model": t_eval / max(args.runs, 1) if before else None, "overrides": overrides, "machine": machine(),
         "peak_rss_mib": peak_rss_mib(), "metrics": record.rows,
     }
     name = f"acc_{args.method}_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
     print(save(name, result))
-    print(json.dumps({k: statistics.fmean(v) for k, v in accs.items()}))
+    print(json.dumps({k: statistics.fmean(v) for k, v in accs.items() if v}))
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -221,6 +257,17 @@ def cmd_report(args: argparse.Namespace) -> None:
         r = f"{ours['median_s'] / off['median_s']:.2f}" if off else "–"
         lines.append(f"| {ipc} | {ours['median_s']:.2f} | {ours['peak_rss_mib']:.0f} | {o} | {r} | {ref_s:.2f} | "
                      f"{ours['median_s'] / ref_s:.2f} | {ref_mib} |")
+    lines += ["", "### DM against the official formulation in one process (`speed --variant paired`)", "",
+              "Each round runs one iteration of each, alternating which goes first; medians over the rounds after "
+              "the warm-up.", "", "| IPC | rounds | ddkit s/it | official formulation s/it | ratio of medians |"
+              " median of per-round ratios |", "|---|---|---|---|---|---|"]
+    for ipc in (1, 10, 50):
+        found = sorted(WORK.glob(f"speed_dm_paired_ipc{ipc}*.json"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            continue
+        res = json.loads(found[-1].read_text())
+        lines.append(f"| {ipc} | {res['iters']} | {res['median_s']['ddkit']:.2f} | {res['median_s']['official']:.2f} |"
+                     f" {res['ratio_of_medians']:.2f} | {res['median_round_ratio']:.2f} |")
     acc = load("acc_dm_ipc10_it99")
     lines += ["", "### DM: accuracy at the reference budget (IPC 10, 99 iterations)", ""]
     if acc:
@@ -293,12 +340,15 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--tag", default="")
         if name == "speed":
             p.add_argument("--warmup", type=int, default=3)
-            p.add_argument("--variant", choices=["ddkit", "official"], default="ddkit")
+            p.add_argument("--variant", choices=["ddkit", "official", "paired"], default="ddkit",
+                           help="paired: DM only, ddkit and the official formulation alternating in one process")
             p.add_argument("--split", action="store_true", help="DM: time the real branch, synthetic forward "
                            "and backward separately (ddkit variant)")
         else:
             p.add_argument("--runs", type=int, default=2)
             p.add_argument("--epochs", type=int, default=300)
+            p.add_argument("--skip-init", action="store_true",
+                           help="do not score the initial set (saves an evaluation at large IPC)")
     p = sub.add_parser("report")
     p.add_argument("--cafe-iters", type=int, default=2)
     args = parser.parse_args(argv)
