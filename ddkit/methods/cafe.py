@@ -57,6 +57,7 @@ from .dm import (
     CompiledEmbedder,
     Params,
     augment_by_class,
+    augmented_chunks,
     chunk_size,
     class_means,
     resolve_dsa,
@@ -181,10 +182,7 @@ def real_statistics(net: nn.Module, batch: ClassBatch, aug: DSA, params: list[Pa
     embs: list[Tensor] = []
     ce = 0.0
     total = batch.images.shape[0]
-    for start in range(0, total, chunk):
-        stop = min(start + chunk, total)
-        labels = batch.labels[start:stop]
-        x = augment_by_class(aug, batch.images[start:stop].to(dtype), batch.row_class[start:stop], params)
+    for labels, x in augmented_chunks(aug, batch, params, chunk, dtype):
         taps, emb = feature_taps(net, x)
         for index, _ in weighted_taps(taps, weights):
             if index not in sums:
