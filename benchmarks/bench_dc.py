@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .common import PAPER_ROWS, peak_rss_mib, save_json
+from .common import PAPER_ROWS, allocator_as_run, peak_rss_mib, save_json
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dc"
@@ -117,6 +117,7 @@ def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
     from ddkit.synthetic import SyntheticSet
 
     torch.set_num_threads(args.threads)
+    keeps_memory = allocator_as_run(args.variant)
     real = load_dataset("fashion-mnist", args.data)
     d = make(args.method, args.ipc, args.variant, parse_overrides(args.set))
     syn = SyntheticSet.from_real(real, args.ipc, make_generator(0, "init"), init=d.config.init)
@@ -147,7 +148,7 @@ def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
         "median_cpu_s": statistics.median(t["cpu_seconds"] for t in kept),
         "cpu_seconds": [t["cpu_seconds"] for t in kept],
         "peak_rss_mib": peak_rss_mib(), "threads": args.threads, "torch": torch.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "keeps_freed_memory": keeps_memory,
     }
     save(f"speed_{args.method}_ipc{args.ipc}_{args.variant}{args.tag}", out)
     return out

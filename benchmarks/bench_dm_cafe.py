@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import PAPER_ROWS, peak_rss_mib, save_json
+from .common import PAPER_ROWS, allocator_as_run, peak_rss_mib, save_json
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dm_cafe"
@@ -98,6 +98,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     from ddkit.engine import make_generator
 
     overrides = json.loads(args.set) if args.set else {}
+    keeps_memory = allocator_as_run(args.variant)
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
     generator = make_generator(args.seed, "distill")
     distiller.setup(real, syn, generator)
@@ -127,7 +128,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         "warmup": args.warmup, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
         "times": times, "peak_rss_mib": peak_rss_mib(), "overrides": overrides,
         "config": {k: v for k, v in vars(distiller.config).items()}, "machine": start,
-        "load_avg_at_end": os.getloadavg(), "metrics": metrics,
+        "load_avg_at_end": os.getloadavg(), "metrics": metrics, "keeps_freed_memory": keeps_memory,
         "median_metrics": {k: statistics.median(m[k] for m in metrics) for k in metrics[0]} if metrics else {},
     }
     name = f"speed_{args.method}_{args.variant}_ipc{args.ipc}" + (f"_{args.tag}" if args.tag else "")
@@ -200,6 +201,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
             self.rows.append(dict(state.metrics))
 
     overrides = json.loads(args.set) if args.set else {}
+    keeps_memory = allocator_as_run("ddkit")  # as `ddkit distill` / `ddkit evaluate` run
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, dsa=True)
     t0 = time.perf_counter()
@@ -215,7 +217,7 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
         "method": args.method, "ipc": args.ipc, "iters": args.iters, "runs": args.runs, "epochs": args.epochs,
         "dsa_eval": True, "seed": args.seed, "accuracy": accs, "distill_s": t_distill,
         "eval_s_per_model": t_eval / max(args.runs, 1) if before else None, "overrides": overrides, "machine": machine(),
-        "peak_rss_mib": peak_rss_mib(), "metrics": record.rows,
+        "peak_rss_mib": peak_rss_mib(), "metrics": record.rows, "keeps_freed_memory": keeps_memory,
     }
     name = f"acc_{args.method}_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
     print(save(name, result))

@@ -80,3 +80,16 @@ def save_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     return atomic_write_json(folder / f"{name}.json", data)
+
+
+def allocator_as_run(variant: str) -> bool:
+    """Set up the C allocator as the measured program would have it, and say whether memory is kept.
+
+    ddkit's CLI keeps freed memory in the process (``ddkit.engine.keep_freed_memory``); the official scripts run
+    with glibc's defaults.  So single-variant runs of ddkit (``fast``, ``ddkit``) keep it and the official
+    formulation (``naive``, ``official``) does not; ``paired`` runs share one process and keep the defaults, so
+    their ratio is the formulations' alone.
+    """
+    from ddkit.engine import keep_freed_memory
+
+    return keep_freed_memory() if variant in ("fast", "ddkit") else False

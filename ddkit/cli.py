@@ -191,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
                 "export": cmd_export}
+    if args.command in ("distill", "evaluate"):
+        from .engine.allocator import keep_freed_memory
+
+        keep_freed_memory()  # long training loops: reuse freed activations instead of re-faulting them (allocator.py)
     try:
         return handlers[args.command](args)
     except DDKitError as exc:

@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from ddkit.errors import ConfigError
-from ddkit.functional.compiled import ChunkedForward, CompiledOrEager, cpu_chunk, even_chunk, forward_of, resolve_compile
+from ddkit.functional.compiled import (
+    ChunkedForward,
+    CompiledOrEager,
+    cpu_chunk,
+    even_chunk,
+    forward_of,
+    resolve_compile,
+    train_chunk,
+)
 from ddkit.models import create_model
 
 CPU = torch.device("cpu")
@@ -54,6 +62,9 @@ def test_chunk_sizes_split_batches_evenly_where_they_can():
     assert even_chunk(12, 16) == 12
     assert cpu_chunk((1, 28, 28), CPU) == 16 and cpu_chunk((1, 8, 8), CPU) == 196
     assert cpu_chunk((3, 32, 32), torch.device("meta")) is None
+    # compiled training passes take chunks about twice the eager size; accelerators whole batches
+    assert train_chunk((1, 28, 28), CPU, compiled=True) == 32 and train_chunk((1, 28, 28), CPU, compiled=False) == 16
+    assert train_chunk((1, 28, 28), torch.device("meta"), compiled=True) is None
 
 
 def test_chunked_forward_is_the_same_function_and_skips_batchnorm():
@@ -69,3 +80,6 @@ def test_chunked_forward_is_the_same_function_and_skips_batchnorm():
     assert calls == [4, 4, 4, 4]  # whole up to one chunk, then chunks
     bn = create_model("convnet_bn", channels=1, num_classes=10, image_size=(8, 8))
     assert forward_of(bn, compiled=False, chunk=3) is bn  # batch statistics need the whole batch
+    compiled = forward_of(net, compiled=True, chunk=3)  # chunks of the compiled forward (not called here)
+    assert isinstance(compiled, ChunkedForward) and isinstance(compiled.fn, CompiledOrEager)
+    assert isinstance(forward_of(bn, compiled=True, chunk=3), CompiledOrEager)

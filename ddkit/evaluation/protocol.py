@@ -17,7 +17,7 @@ from torch import Tensor
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
-from ..functional.compiled import cpu_chunk, forward_of, resolve_compile
+from ..functional.compiled import forward_of, resolve_compile, train_chunk
 from ..models import create_model
 from .report import Report, Row
 from .train import accuracy, train_model
@@ -90,7 +90,7 @@ def train_and_test(
     pixel_steps = protocol.epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
     compiled = resolve_compile(protocol.compile, device, images.dtype, pixel_steps >= COMPILE_MIN_PIXEL_STEPS)
     # CPU: cache-sized chunks of each batch (the same SGD step for models without batch norm; forward_of)
-    forward = forward_of(model, compiled, cpu_chunk(tuple(images.shape), device))
+    forward = forward_of(model, compiled, train_chunk(tuple(images.shape), device, compiled))
     augment: Callable | None = None
     if protocol.dsa:
         aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))

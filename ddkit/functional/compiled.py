@@ -4,8 +4,8 @@ On the 2-core CPUs this project is measured on, a compiled ConvNet-3 runs a trai
 no-grad forward about 1.7x faster than eager (Inductor fuses normalisation, activation and pooling into the
 passes around each convolution; benchmarks/RESULTS.md).  Passes over small chunks of a batch (about 16
 Fashion-MNIST images) keep each chunk's activations in cache: an eager 256-image training step ran 1.4-1.6x
-faster that way, a compiled one no faster; :func:`forward_of` therefore chunks eager passes only, and only where
-that is exact (no batch norm).  Compiling costs about 20 s per graph, so it pays only on long runs: every user of this module
+faster that way; compiled training passes gain less (about 5-10 %) and prefer chunks about twice that size
+(:data:`CPU_TRAIN_CHUNK_PIXELS`).  :func:`forward_of` chunks only where that is exact (no batch norm).  Compiling costs about 20 s per graph, so it pays only on long runs: every user of this module
 resolves a ``compile`` option "auto" | "on" | "off", where "auto" means on for long float32 CPU runs only.  On
 accelerators "auto" stays off (no measurement there yet).
 """
@@ -26,6 +26,12 @@ COMPILE_MODES = ("auto", "on", "off")
 #: an eager training step over 256 images took 1.26-1.34 s in chunks of 16 against 1.85-2.01 s whole
 #: (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
+
+#: CPU: input pixels per *compiled training* pass (32 Fashion-MNIST images).  The first stage's fused
+#: normalisation/activation/pooling kernels stream 128 x 32 x 32 floats per image and are memory-bound on a whole
+#: batch; chunks of 20-32 images ran a compiled ConvNet-3 step 5-10 % faster than whole batches, and chunks of 16
+#: slower than 32 (``python -m benchmarks.bench_train_chunk``; benchmarks/RESULTS.md).
+CPU_TRAIN_CHUNK_PIXELS = 32 * 28 * 28
 
 
 def resolve_compile(mode: str, device: torch.device, dtype: torch.dtype, long_run: bool) -> bool:
@@ -66,11 +72,16 @@ class CompiledOrEager:
         return self.fn(x)
 
 
-def cpu_chunk(image_shape: tuple[int, ...], device: torch.device) -> int | None:
-    """Images per pass under :data:`CPU_CHUNK_PIXELS` on CPU (at least 1); ``None`` (whole batch) elsewhere."""
+def cpu_chunk(image_shape: tuple[int, ...], device: torch.device, pixels: int = CPU_CHUNK_PIXELS) -> int | None:
+    """Images per pass under ``pixels`` input pixels on CPU (at least 1); ``None`` (whole batch) elsewhere."""
     if device.type != "cpu":
         return None
-    return max(1, CPU_CHUNK_PIXELS // max(1, image_shape[-1] * image_shape[-2]))
+    return max(1, pixels // max(1, image_shape[-1] * image_shape[-2]))
+
+
+def train_chunk(image_shape: tuple[int, ...], device: torch.device, compiled: bool) -> int | None:
+    """Images per training pass on CPU: :data:`CPU_TRAIN_CHUNK_PIXELS` compiled, :data:`CPU_CHUNK_PIXELS` eager."""
+    return cpu_chunk(image_shape, device, CPU_TRAIN_CHUNK_PIXELS if compiled else CPU_CHUNK_PIXELS)
 
 
 def even_chunk(n: int, chunk: int) -> int:
@@ -108,16 +119,15 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def forward_of(model: nn.Module, compiled: bool, chunk: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``model``'s forward for training: compiled on whole batches, or eager over chunks of ``chunk`` images.
+    """``model``'s forward for training, compiled or eager, over chunks of ``chunk`` images (:func:`train_chunk`).
 
-    Chunking pays for eager passes (a 256-image ConvNet-3 step: 1.26-1.34 s in chunks of 16 against 1.85-2.01 s
-    whole) but not for compiled ones, whose fused graph is already cache-friendly (256 images: 1.16 s either
-    way; 100 images, interleaved: 0.41 s per 100 images whole against 0.43-0.46 s in chunks).  The parameters
-    stay the module's own, so an optimizer over ``model.parameters()`` still sees them.  Chunking is skipped for
-    models with batch norm (statistics over the whole batch) and when ``chunk`` is ``None``.
+    Chunking pays most for eager passes (a 256-image ConvNet-3 step: 1.26-1.34 s in chunks of 16 against
+    1.85-2.01 s whole) and a little for compiled ones (100 images: 0.41-0.43 s in chunks of 20-25 against
+    0.44-0.49 s whole, interleaved runs of 24-30 rounds).  The parameters stay the module's own, so an optimizer
+    over ``model.parameters()`` still sees them.  Chunking is skipped for models with batch norm (statistics
+    over the whole batch) and when ``chunk`` is ``None``.
     """
-    if compiled:
-        return CompiledOrEager(model)
+    forward: Callable[[Tensor], Tensor] = CompiledOrEager(model) if compiled else model
     if chunk is None or chunk < 1 or has_batchnorm(model):
-        return model
-    return ChunkedForward(model, chunk)
+        return forward
+    return ChunkedForward(forward, chunk)

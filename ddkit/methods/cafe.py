@@ -48,7 +48,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss, train_model
-from ..functional.compiled import cpu_chunk, forward_of, has_batchnorm, resolve_compile
+from ..functional.compiled import forward_of, has_batchnorm, resolve_compile, train_chunk
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -289,9 +289,9 @@ class CAFEDistiller(Distiller):
         net.requires_grad_(True)
         images, labels = syn.images.detach(), syn.labels.detach()
         augment = None if self.aug.is_identity else self.aug  # distill.py: epoch(..., aug=args.dsa)
-        # the readings' compile decision serves the training passes too (compiled on whole batches, else eager
-        # in cache-sized chunks where exact): CAFE IPC 10 spent 194 s of a 910 s outer iteration in eager epochs
-        forward = forward_of(net, self.reader.enabled, cpu_chunk(tuple(images.shape), self.device))
+        # the readings' compile decision serves the training passes too (in cache-sized chunks where exact): CAFE IPC 10 spent 194 s of a 910 s outer iteration in eager epochs
+        compiled = self.reader.enabled
+        forward = forward_of(net, compiled, train_chunk(tuple(images.shape), self.device, compiled))
         window: list[float] = []
         epochs = 0
         while epochs < cfg.max_inner_epochs:

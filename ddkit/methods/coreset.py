@@ -22,7 +22,7 @@ from ..data.realdata import RealData
 from ..errors import ArtifactError
 from ..io import load_state, save_state
 from ..evaluation.train import train_model
-from ..functional.compiled import cpu_chunk, forward_of, resolve_compile
+from ..functional.compiled import forward_of, resolve_compile, train_chunk
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -114,7 +114,7 @@ class EmbeddingCoreset(RandomCoreset):
             compiled = resolve_compile("auto", self.device, images.dtype, long_run=images.shape[0] >= 10_000)
             train_model(net, images, real.train_labels, epochs=cfg.feature_epochs, lr=cfg.feature_lr,
                         generator=generator, batch_size=cfg.feature_batch, decay_at_half=False,
-                        forward=forward_of(net, compiled, cpu_chunk(tuple(images.shape), self.device)))
+                        forward=forward_of(net, compiled, train_chunk(tuple(images.shape), self.device, compiled)))
         return self._features(net, real.train_images)
 
 

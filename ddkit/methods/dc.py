@@ -20,7 +20,8 @@ What differs from the official code, and why the result is the same:
   class axis, and each class's gradient accumulated over small chunks of its batch.  ``grad_mode='auto'``
   takes the faster one per side and device: on accelerators everything batched (passes of up to 2560
   CIFAR-sized images); on CPU (where batching buys little and cache-sized passes buy more) the real side per
-  class in chunks of about 16 Fashion-MNIST images, the synthetic side batched for small classes.  The inner
+  class in chunks of about 16 Fashion-MNIST images (32 when compiled), the synthetic side batched for small
+  classes.  The inner
   network epochs likewise run the forward in chunks (:func:`ddkit.functional.compiled.forward_of`, the same SGD
   step).  ``tests/test_pergrad.py`` and
   ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
@@ -46,7 +47,14 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import train_model
-from ..functional.compiled import CPU_CHUNK_PIXELS, CompiledOrEager, forward_of, has_batchnorm, resolve_compile
+from ..functional.compiled import (
+    CPU_CHUNK_PIXELS,
+    CPU_TRAIN_CHUNK_PIXELS,
+    CompiledOrEager,
+    forward_of,
+    has_batchnorm,
+    resolve_compile,
+)
 from ..functional.distances import check_distance, contributes, match_distance
 from ..functional.pergrad import (
     ParamDict,
@@ -259,11 +267,15 @@ class DCDistiller(Distiller):
             if getattr(cfg, field) < 0:
                 raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
 
-    def chunk_images(self, requested: int, image_shape: tuple[int, ...]) -> int | None:
-        """Images per pass: the request, else a pixel budget (small on CPU, large on accelerators)."""
+    def chunk_images(self, requested: int, image_shape: tuple[int, ...], compiled: bool = False) -> int | None:
+        """Images per pass: the request, else a pixel budget (small on CPU, about twice as large for compiled
+        passes, large on accelerators; compiled.CPU_TRAIN_CHUNK_PIXELS)."""
         if requested > 0:
             return requested
-        budget = CPU_CHUNK_PIXELS if self.device.type == "cpu" else ACCEL_CHUNK_PIXELS
+        if self.device.type != "cpu":
+            budget = ACCEL_CHUNK_PIXELS
+        else:
+            budget = CPU_TRAIN_CHUNK_PIXELS if compiled else CPU_CHUNK_PIXELS
         return max(1, budget // max(1, image_shape[-1] * image_shape[-2]))
 
     def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
@@ -329,7 +341,9 @@ class DCDistiller(Distiller):
         syn_b, syn_w = blocks(self._layout(syn_x), self._syn_row_class, k)
         real_mode, syn_mode = self.grad_modes(syn_b.shape[1])
         return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
-                                   syn_mode=syn_mode, real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape),
+                                   syn_mode=syn_mode,
+                                   real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape,
+                                                                compiled=real_forward is not None and real_mode == "loop"),
                                    real_forward=real_forward if real_mode == "loop" else None)
 
     def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator,
@@ -337,7 +351,7 @@ class DCDistiller(Distiller):
         """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
         detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]))
+        chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]), compiled=compiled)
         train_model(
             net,
             self._layout(syn.images.detach()),
