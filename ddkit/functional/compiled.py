@@ -27,10 +27,12 @@ COMPILE_MODES = ("auto", "on", "off")
 #: (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
 
-#: CPU: input pixels per *compiled training* pass (32 Fashion-MNIST images).  The first stage's fused
-#: normalisation/activation/pooling kernels stream 128 x 32 x 32 floats per image and are memory-bound on a whole
-#: batch; chunks of 20-32 images ran a compiled ConvNet-3 step 5-10 % faster than whole batches, and chunks of 16
-#: slower than 32 (``python -m benchmarks.bench_train_chunk``; benchmarks/RESULTS.md).
+#: CPU: input pixels per *compiled training* pass (32 Fashion-MNIST images).  With glibc's default allocator a
+#: whole 100-image batch re-faults its 52 MB activation tensors every step (they are mmapped and unmapped); chunks
+#: of 20-32 images stay under the mmap threshold and ran a compiled ConvNet-3 step 5-11 % faster.  With
+#: ``ddkit.engine.keep_freed_memory`` (what the CLI does) whole batches and chunks of 25 ran within 2.5 % of each
+#: other, so the chunks cost nothing there and protect API users who do not call it
+#: (``python -m benchmarks.bench_train_chunk``; benchmarks/RESULTS.md).
 CPU_TRAIN_CHUNK_PIXELS = 32 * 28 * 28
 
 
