@@ -98,7 +98,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     from ddkit.engine import make_generator
 
     overrides = json.loads(args.set) if args.set else {}
-    keeps_memory = allocator_as_run(args.variant)
+    keeps_memory = allocator_as_run("ddkit" if args.variant == "paired" and args.allocator == "keep" else args.variant)
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
     generator = make_generator(args.seed, "distill")
     distiller.setup(real, syn, generator)
@@ -112,7 +112,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     else:
         step = lambda it: distiller.step(it, real, syn, generator)  # noqa: E731
     if args.variant == "paired":
-        return cmd_speed_paired(args, real, distiller, syn, generator, overrides)
+        return cmd_speed_paired(args, real, distiller, syn, generator, overrides, keeps_memory)
     times, metrics = [], []
     start = machine()
     for it in range(1, args.warmup + args.iters + 1):
@@ -136,11 +136,14 @@ def cmd_speed(args: argparse.Namespace) -> None:
     print(json.dumps({k: result[k] for k in ("median_s", "peak_rss_mib", "median_metrics")}))
 
 
-def cmd_speed_paired(args: argparse.Namespace, real, distiller, syn, generator, overrides) -> None:
+def cmd_speed_paired(args: argparse.Namespace, real, distiller, syn, generator, overrides,
+                     keeps_memory: bool) -> None:
     """DM, ddkit and the official formulation side by side in one process: each round runs one iteration of
     each, alternating which goes first, so that both see the same machine state (this VM's speed drifts by
     10-20 % between processes and sessions).  Reports each variant's median and the median of the per-round
-    ratios.  Peak memory is not separable here; take it from the single-variant runs."""
+    ratios.  Peak memory is not separable here; take it from the single-variant runs.  ``--allocator keep`` gives
+    both variants ddkit's allocator setting (which spares the official formulation's whole-batch passes their
+    page faults): the conservative comparison."""
     assert args.method == "dm", "the paired variant exists for DM only"
     steps = {"ddkit": lambda it: distiller.step(it, real, syn, generator),
              "official": lambda it: official_dm_step(distiller, real, syn, generator)}
@@ -163,6 +166,7 @@ def cmd_speed_paired(args: argparse.Namespace, real, distiller, syn, generator, 
         "times": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_of_medians": statistics.median(times["ddkit"]) / statistics.median(times["official"]),
         "median_round_ratio": statistics.median(ratios), "round_ratios": ratios, "overrides": overrides,
+        "keeps_freed_memory": keeps_memory,
         "machine": start, "load_avg_at_end": os.getloadavg(),
     }
     name = f"speed_dm_paired_ipc{args.ipc}" + (f"_{args.tag}" if args.tag else "")
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--warmup", type=int, default=3)
             p.add_argument("--variant", choices=["ddkit", "official", "paired"], default="ddkit",
                            help="paired: DM only, ddkit and the official formulation alternating in one process")
+            p.add_argument("--allocator", choices=["default", "keep"], default="default",
+                           help="paired: glibc defaults for both, or ddkit's keep_freed_memory for both")
             p.add_argument("--split", action="store_true", help="DM: time the real branch, synthetic forward "
                            "and backward separately (ddkit variant)")
         else:
