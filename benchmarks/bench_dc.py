@@ -111,6 +111,8 @@ def make(method: str, ipc: int, variant: str, overrides: dict[str, Any]):
 
 def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Median seconds per outer iteration over ``--iters`` iterations (the first one is dropped)."""
+    if args.variant == "paired":
+        return cmd_speed_paired(args)
     from ddkit.data import load_dataset
     from ddkit.engine import distill, make_generator
     from ddkit.engine.callbacks import Callback
@@ -425,9 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("report")
     rep.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    if args.cmd == "speed" and args.variant == "paired":
-        args.cmd = "speed_paired"
-    out = {"speed": cmd_speed, "speed_paired": cmd_speed_paired, "accuracy": cmd_accuracy, "micro": cmd_micro, "report": cmd_report}[args.cmd](args)
+    out = {"speed": cmd_speed, "accuracy": cmd_accuracy, "micro": cmd_micro, "report": cmd_report}[args.cmd](args)
     print(json.dumps(out))
 
 

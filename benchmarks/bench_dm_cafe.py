@@ -98,10 +98,13 @@ def cmd_speed(args: argparse.Namespace) -> None:
     from ddkit.engine import make_generator
 
     overrides = json.loads(args.set) if args.set else {}
-    keeps_memory = allocator_as_run("ddkit" if args.variant == "paired" and args.allocator == "keep" else args.variant)
+    paired_keep = args.variant == "paired" and args.allocator == "keep"  # both variants keep memory
+    keeps_memory = allocator_as_run("ddkit" if paired_keep else args.variant)
     real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
     generator = make_generator(args.seed, "distill")
     distiller.setup(real, syn, generator)
+    if args.variant == "paired":
+        return cmd_speed_paired(args, real, distiller, syn, generator, overrides, keeps_memory)
     step: Callable[[int], dict[str, float]]
     if args.variant == "official":
         assert args.method == "dm", "the official-formulation variant exists for DM only"
@@ -111,8 +114,6 @@ def cmd_speed(args: argparse.Namespace) -> None:
         step = lambda it: dm_split_step(distiller, real, syn, generator)  # noqa: E731
     else:
         step = lambda it: distiller.step(it, real, syn, generator)  # noqa: E731
-    if args.variant == "paired":
-        return cmd_speed_paired(args, real, distiller, syn, generator, overrides, keeps_memory)
     times, metrics = [], []
     start = machine()
     for it in range(1, args.warmup + args.iters + 1):

@@ -289,7 +289,8 @@ class CAFEDistiller(Distiller):
         net.requires_grad_(True)
         images, labels = syn.images.detach(), syn.labels.detach()
         augment = None if self.aug.is_identity else self.aug  # distill.py: epoch(..., aug=args.dsa)
-        # the readings' compile decision serves the training passes too (in cache-sized chunks where exact): CAFE IPC 10 spent 194 s of a 910 s outer iteration in eager epochs
+        # the readings' compile decision serves the training passes too (in cache-sized chunks where exact):
+        # CAFE IPC 10 spent 194 s of a 910 s outer iteration in eager epochs
         compiled = self.reader.enabled
         forward = forward_of(net, compiled, train_chunk(tuple(images.shape), self.device, compiled))
         window: list[float] = []

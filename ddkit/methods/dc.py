@@ -47,14 +47,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import train_model
-from ..functional.compiled import (
-    CPU_CHUNK_PIXELS,
-    CPU_TRAIN_CHUNK_PIXELS,
-    CompiledOrEager,
-    forward_of,
-    has_batchnorm,
-    resolve_compile,
-)
+from ..functional.compiled import CompiledOrEager, forward_of, has_batchnorm, resolve_compile, train_chunk
 from ..functional.distances import check_distance, contributes, match_distance
 from ..functional.pergrad import (
     ParamDict,
@@ -268,15 +261,13 @@ class DCDistiller(Distiller):
                 raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
 
     def chunk_images(self, requested: int, image_shape: tuple[int, ...], compiled: bool = False) -> int | None:
-        """Images per pass: the request, else a pixel budget (small on CPU, about twice as large for compiled
-        passes, large on accelerators; compiled.CPU_TRAIN_CHUNK_PIXELS)."""
+        """Images per pass: the request, else a pixel budget (on CPU :func:`~ddkit.functional.compiled.train_chunk`,
+        about twice as large for compiled passes; large on accelerators)."""
         if requested > 0:
             return requested
         if self.device.type != "cpu":
-            budget = ACCEL_CHUNK_PIXELS
-        else:
-            budget = CPU_TRAIN_CHUNK_PIXELS if compiled else CPU_CHUNK_PIXELS
-        return max(1, budget // max(1, image_shape[-1] * image_shape[-2]))
+            return max(1, ACCEL_CHUNK_PIXELS // max(1, image_shape[-1] * image_shape[-2]))
+        return train_chunk(image_shape, self.device, compiled)
 
     def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
         """(real side, synthetic side) formulation for ``grad_mode``; "auto" picks the faster one measured."""
@@ -342,8 +333,9 @@ class DCDistiller(Distiller):
         real_mode, syn_mode = self.grad_modes(syn_b.shape[1])
         return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
                                    syn_mode=syn_mode,
-                                   real_chunk=self.chunk_images(cfg.real_chunk, real.image_shape,
-                                                                compiled=real_forward is not None and real_mode == "loop"),
+                                   real_chunk=self.chunk_images(
+                                       cfg.real_chunk, real.image_shape,
+                                       compiled=real_forward is not None and real_mode == "loop"),
                                    real_forward=real_forward if real_mode == "loop" else None)
 
     def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator,
