@@ -55,10 +55,14 @@ def naive_distiller(method: str, config):
     """The official per-class formulation, with ddkit's draws: the reference the fast path is timed against."""
     from ddkit.methods.dc import DCDistiller, DSADistiller
     from ddkit.methods.dm import sample_class_params, sample_per_class
+    from ddkit.models.patchnorm import use_patch_shortcut
 
     base = DSADistiller if method == "dsa" else DCDistiller
 
     class Naive(base):  # type: ignore[misc, valid-type]
+        def new_network(self, *args, **kwargs):  # the official nn.Conv2d -> nn.GroupNorm computation
+            return use_patch_shortcut(super().new_network(*args, **kwargs), False)
+
         def matching_loss(self, net, real, syn, generator, real_forward=None):  # official: eager, per class
             cfg = self.config
             batch = sample_per_class(real, cfg.batch_real, generator, self.device)

@@ -74,9 +74,11 @@ def setup(method: str, ipc: int, seed: int, data_root: str, overrides: dict[str,
 def official_dm_step(distiller, real, syn, generator: torch.Generator) -> dict[str, float]:
     """``main_DM.py`` ConvNet branch: per class, one forward of 256 real and one of the class's synthetic images."""
     from ddkit.methods.dm import frozen_embedder
+    from ddkit.models.patchnorm import use_patch_shortcut
 
     cfg = distiller.config
     net = frozen_embedder(distiller, real, generator, syn.images.dtype, channels_last=False)
+    use_patch_shortcut(net, False)  # the official nn.Conv2d -> nn.GroupNorm computation
     loss = torch.zeros(())
     for c in range(real.num_classes):
         img_real = distiller.real_batch(real, c, cfg.batch_real, generator)

@@ -49,6 +49,7 @@ from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss, train_model
 from ..functional.compiled import forward_of, has_batchnorm, resolve_compile, train_chunk
+from ..models.patchnorm import ConvNormStage
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -139,8 +140,11 @@ def feature_taps(net: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     pooled = False
     for stage in stages:
         if isinstance(stage, nn.Sequential) and len(stage) > 1 and isinstance(stage[-1], _POOLS):
-            for module in stage[:-1]:
-                x = module(x)
+            if isinstance(stage, ConvNormStage):
+                x = stage.run(x, stop=-1)
+            else:
+                for module in stage[:-1]:
+                    x = module(x)
             taps.append(x)
             x = stage[-1](x)
             pooled = True

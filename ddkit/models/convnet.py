@@ -31,6 +31,7 @@ from .layers import (
     make_pool,
     pool_out,
 )
+from .patchnorm import ConvNormStage
 
 
 class ConvNet(FeatureNet):
@@ -77,7 +78,7 @@ class ConvNet(FeatureNet):
             if pooling != "none" and can_pool(size):
                 layers.append(make_pool(pooling))
                 size = pool_out(size)
-            stages.append(nn.Sequential(*layers))
+            stages.append(ConvNormStage(*layers))
             in_ch = width
 
         self.stages = nn.ModuleList(stages)
