@@ -171,6 +171,7 @@ def cmd_speed_paired(args: argparse.Namespace) -> dict[str, Any]:
     from ddkit.synthetic import SyntheticSet
 
     torch.set_num_threads(args.threads)
+    keeps_memory = allocator_as_run("fast" if args.allocator == "keep" else "naive")  # one setting for both
     real = load_dataset("fashion-mnist", args.data)
     overrides = parse_overrides(args.set)
     names = ("naive", "fast")
@@ -200,7 +201,7 @@ def cmd_speed_paired(args: argparse.Namespace) -> dict[str, Any]:
         "loops": list(runs["fast"][0].loops), "rounds": args.iters, "warmup": args.warmup, "rows": rows,
         "median": med, "ratio_of_medians": med["fast"]["seconds"] / med["naive"]["seconds"],
         "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
-        "threads": args.threads, "torch": torch.__version__,
+        "threads": args.threads, "torch": torch.__version__, "keeps_freed_memory": keeps_memory,
     }
     save(f"speed_{args.method}_ipc{args.ipc}_paired{args.tag}", out)
     return {k: out[k] for k in ("median", "ratio_of_medians", "round_ratios")}
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--warmup", type=int, default=1, help="speed: leading iterations not counted")
         p.add_argument("--variant", default="fast", choices=("fast", "naive", "paired"),
                        help="speed --variant paired: naive and fast alternating in one process")
+        p.add_argument("--allocator", choices=("default", "keep"), default="default",
+                       help="speed --variant paired: keep = both variants with keep_freed_memory (the official "
+                            "formulation spared its page faults); default = glibc's defaults for both")
         p.add_argument("--set", action="append", default=[], help="config override field=value")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--data", default=DATA)

@@ -87,8 +87,8 @@ def allocator_as_run(variant: str) -> bool:
 
     ddkit's CLI keeps freed memory in the process (``ddkit.engine.keep_freed_memory``); the official scripts run
     with glibc's defaults.  So single-variant runs of ddkit (``fast``, ``ddkit``) keep it and the official
-    formulation (``naive``, ``official``) does not; ``paired`` runs share one process and keep the defaults, so
-    their ratio is the formulations' alone.
+    formulation (``naive``, ``official``) does not; ``paired`` runs share one process and one setting (glibc's
+    defaults, or ``--allocator keep`` for both), so their ratio is the formulations' alone.
     """
     from ddkit.engine import keep_freed_memory
 
