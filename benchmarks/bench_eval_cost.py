@@ -22,8 +22,9 @@ def child(args) -> None:
     from ddkit.api import distill
     from ddkit.evaluation import EvalProtocol, evaluate
 
-    from .common import DEFAULT_DATA, peak_rss_mib
+    from .common import DEFAULT_DATA, allocator_as_run, peak_rss_mib
 
+    allocator_as_run("official" if args.variant == "official" else "ddkit")  # as `ddkit evaluate` / the official script run
     real = load_dataset("fashion-mnist", args.data_root or DEFAULT_DATA)
     syn = distill(real, "random", ipc=10, seed=args.seed, device="cpu")
     if args.variant == "official":
