@@ -4,7 +4,7 @@ Why: on CPU, the first stage of ConvNet-3 (a 3x3 convolution of a 1- or 3-channe
 ``GroupNorm(128, 128)``, ReLU and 2x2 pooling) costs far more than its arithmetic.  The convolution reads one
 input channel (oneDNN runs it at a few GFLOPS) and writes 128 full-resolution maps, which the norm then reads
 twice (statistics, then normalisation) and the backward pass reads again several times.  In a compiled 100-image
-training step of ConvNet-3 on Fashion-MNIST, this stage took about a third of the time while doing about 2 % of
+training step of ConvNet-3 on Fashion-MNIST, this stage took about a third of the time while doing under 3 % of
 the arithmetic.
 
 Instance normalisation of a convolution needs no pass over its output.  With ``P_n`` the ``D x L`` patch matrix
