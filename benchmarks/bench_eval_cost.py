@@ -24,7 +24,8 @@ def child(args) -> None:
 
     from .common import DEFAULT_DATA, allocator_as_run, peak_rss_mib
 
-    allocator_as_run("official" if args.variant == "official" else "ddkit")  # as `ddkit evaluate` / the official script run
+    # the allocator each program runs with: `ddkit evaluate` keeps freed memory, the official script does not
+    allocator_as_run("official" if args.variant == "official" else "ddkit")
     real = load_dataset("fashion-mnist", args.data_root or DEFAULT_DATA)
     syn = distill(real, "random", ipc=10, seed=args.seed, device="cpu")
     if args.variant == "official":

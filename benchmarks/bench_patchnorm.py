@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import save_json
+from .common import interleaved_times, save_json
 
 WORK = Path(__file__).resolve().parent / "_work"
 
@@ -74,15 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name, spec in WORKLOADS.items():
         runs = {label: workload(*spec, shortcut=label == "shortcut") for label in ("plain", "shortcut")}
-        for run in runs.values():
-            for _ in range(args.warmup):
-                run()
-        times: dict[str, list[float]] = {label: [] for label in runs}
-        for r in range(args.rounds):
-            for label in (list(runs) if r % 2 else list(runs)[::-1]):
-                t0 = time.perf_counter()
-                runs[label]()
-                times[label].append(time.perf_counter() - t0)
+        times = interleaved_times(runs, args.rounds, args.warmup)
         med = {label: statistics.median(t) for label, t in times.items()}
         results[name] = {"times": times, "median_s": med, "ratio": med["shortcut"] / med["plain"]}
         print(f"{name}: plain {med['plain']:.3f} s, shortcut {med['shortcut']:.3f} s, "

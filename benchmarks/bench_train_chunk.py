@@ -12,15 +12,14 @@ chunked variants compute the same step (no batch norm in ConvNet-3); this is wha
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .common import save_json
+from .common import interleaved_times, save_json
 
 WORK = Path(__file__).resolve().parent / "_work"
 
@@ -52,21 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     chunks = [int(c) for c in args.chunks.split(",")]
     forwards = {c: compiled if c >= args.batch else ChunkedForward(compiled, c) for c in chunks}
 
-    def step(forward) -> float:
-        t0 = time.perf_counter()
+    def step(forward) -> None:
         loss = F.cross_entropy(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
 
-    for forward in forwards.values():
-        for _ in range(args.warmup):
-            step(forward)
-    times: dict[int, list[float]] = {c: [] for c in chunks}
-    for r in range(args.rounds):
-        for c in (chunks if r % 2 else chunks[::-1]):
-            times[c].append(step(forwards[c]))
+    times = interleaved_times({c: partial(step, f) for c, f in forwards.items()}, args.rounds, args.warmup)
     medians = {c: statistics.median(t) for c, t in times.items()}
     for c in chunks:
         print(f"chunk {c:4d}: median {medians[c]:.4f} s per step of {args.batch} images "

@@ -7,6 +7,8 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,25 @@ PAPER_ROWS: dict[tuple[str, str], tuple[str, str, str]] = {
     ("cafe+dsa", "fashion-mnist"): ("77.1±0.9", "83.0±0.4", "84.8±0.4"),
     ("cafe+dsa", "cifar10"): ("31.6±0.8", "50.9±0.5", "62.3±0.4"),
 }
+
+
+def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of every variant, timed round by round in alternating order (reversed in even rounds).
+
+    Each variant is called ``warmup`` times first (compiles, allocator growth), untimed.  Alternating within one
+    process puts every variant through the same machine state: this VM drifts by 10-20 % between processes.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 else names[::-1]):
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def save_json(folder: Path, name: str, data: dict[str, Any]) -> Path:

@@ -91,10 +91,12 @@ def test_gradients_are_finite_and_nonzero(name: str, shape: tuple[int, int, int]
     x = _input(shape, requires_grad=True)
     net(x).square().sum().backward()
     assert torch.isfinite(x.grad).all()
-    # ConvNet-4/5 on 8x8 inputs: the maps are 1x1 from stage 4 on, where instance norm outputs its bias whatever
-    # the input, so the true input gradient is zero (the plain modules return float noise of about 1e-5 there).
-    collapsed = name in ("convnet_d4", "convnet_d5") and shape[1] == 8
-    assert collapsed or x.grad.abs().sum() > 0
+    if name in ("convnet_d4", "convnet_d5") and shape[1] == 8:
+        # the maps are 1x1 from stage 4 on, where instance norm outputs its bias whatever the input: the true input
+        # gradient is zero (the plain modules leave float noise there, an absolute sum of about 1e-5)
+        assert x.grad.abs().max() < 1e-4
+    else:
+        assert x.grad.abs().sum() > 0
     for pname, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
     assert net.classifier.weight.grad.abs().sum() > 0
