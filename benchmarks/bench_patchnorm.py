@@ -1,8 +1,12 @@
 """ConvNet-3 with and without the first stage's patch-statistics instance norm (``ddkit.models.patchnorm``), CPU.
 
+Variants: ``plain`` (the ``Conv2d`` / ``GroupNorm`` modules), ``shortcut`` (the batched product, then the stage's
+activation and pooling modules), ``fused`` (compiled graphs compute the pooled map directly,
+``conv_instance_norm_pool``; eagerly the same as ``shortcut``).
+
     python -m benchmarks.bench_patchnorm --rounds 10
 
-One process, ``keep_freed_memory`` on (as the CLI runs).  For every workload the two networks (same weights) run
+One process, ``keep_freed_memory`` on (as the CLI runs).  For every workload the networks (same weights) run
 in alternating order each round, so both see the same machine state; prints the median seconds and the ratio
 and writes ``benchmarks/_work/patchnorm.json``.  Workloads: what DC/DSA's inner updates and the evaluation
 protocol run (SGD steps on 100 / 256 images, compiled and eager), what DM's real branch runs (a compiled no-grad
@@ -32,19 +36,24 @@ WORKLOADS: dict[str, tuple[int, int, int, bool, bool]] = {
 }
 
 
-def workload(channels: int, side: int, n: int, compiled: bool, train: bool, shortcut: bool) -> Callable[[], None]:
+#: variant -> (use_patch_shortcut, fuse_pooling)
+VARIANTS = {"plain": (False, False), "shortcut": (True, False), "fused": (True, True)}
+
+
+def workload(channels: int, side: int, n: int, compiled: bool, train: bool, variant: str,
+             chunk: int = 16) -> Callable[[], None]:
     from ddkit.functional.compiled import ChunkedForward, CompiledOrEager
     from ddkit.models import create_model
     from ddkit.models.patchnorm import use_patch_shortcut
 
     torch.manual_seed(0)
     net = use_patch_shortcut(create_model("convnet", channels=channels, num_classes=10, image_size=(side, side)),
-                             shortcut)
+                             *VARIANTS[variant])
     x = torch.randn(n, channels, side, side)
     y = torch.randint(0, 10, (n,))
     forward = CompiledOrEager(net) if compiled else net
     if not train:
-        chunked = ChunkedForward(forward, 16)
+        chunked = ChunkedForward(forward, chunk)
 
         def run() -> None:
             with torch.no_grad():
@@ -72,12 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     results = {}
     for name, spec in WORKLOADS.items():
-        runs = {label: workload(*spec, shortcut=label == "shortcut") for label in ("plain", "shortcut")}
+        runs = {label: workload(*spec, variant=label) for label in VARIANTS if spec[3] or label != "fused"}
+        if not spec[4]:  # the fused stage writes no full-resolution map, so larger chunks no longer spill the cache
+            runs["fused, chunks of 64"] = workload(*spec, variant="fused", chunk=64)
         times = interleaved_times(runs, args.rounds, args.warmup)
         med = {label: statistics.median(t) for label, t in times.items()}
-        results[name] = {"times": times, "median_s": med, "ratio": med["shortcut"] / med["plain"]}
-        print(f"{name}: plain {med['plain']:.3f} s, shortcut {med['shortcut']:.3f} s, "
-              f"ratio {med['shortcut'] / med['plain']:.3f}", flush=True)
+        results[name] = {"times": times, "median_s": med,
+                         "ratio_to_plain": {label: m / med["plain"] for label, m in med.items()}}
+        print(f"{name}: " + ", ".join(f"{label} {m:.3f} s ({m / med['plain']:.3f}x)" for label, m in med.items()),
+              flush=True)
     save_json(WORK, "patchnorm", {"rounds": args.rounds, "threads": args.threads, "torch": torch.__version__,
                                   "results": results})
 

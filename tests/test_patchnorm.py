@@ -9,7 +9,15 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ddkit.models import create_model
-from ddkit.models.patchnorm import ConvNormStage, conv_instance_norm, shortcut_applies, use_patch_shortcut
+from ddkit.models.patchnorm import (
+    ConvNormStage,
+    conv_instance_norm,
+    conv_instance_norm_pool,
+    fuses_pooling,
+    pooled_shortcut_applies,
+    shortcut_applies,
+    use_patch_shortcut,
+)
 
 
 def _pair(channels: int, size: tuple[int, int], **kw) -> tuple[nn.Module, nn.Module]:
@@ -99,3 +107,69 @@ def test_other_norms_keep_the_plain_path():
     for kw in ({"norm": "batchnorm"}, {"norm": "layernorm"}, {"norm": "groupnorm"}, {"norm": "none"}):
         net = create_model("convnet", channels=1, num_classes=3, image_size=(28, 28), **kw)
         assert not any(getattr(m, "use_shortcut", False) for m in net.modules())
+
+
+@pytest.mark.parametrize("channels,size,act", [
+    (1, (28, 28), nn.ReLU()), (3, (32, 32), nn.ReLU()), (1, (11, 9), nn.LeakyReLU(0.2)), (1, (8, 8), nn.Sigmoid()),
+])
+def test_pooled_stage_matches_the_plain_modules(channels, size, act):
+    """``conv_instance_norm_pool`` (what compiled graphs run) == conv -> norm -> act -> 2x2 average pool, in
+    values and in the gradients of the image, the conv and the norm parameters; odd maps drop their last
+    row/column as AvgPool2d does."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(channels, 16, 3, padding=1).double()
+    norm = nn.GroupNorm(16, 16).double()
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(16, dtype=torch.float64))
+        norm.bias.add_(0.3 * torch.randn(16, dtype=torch.float64))
+    pool = nn.AvgPool2d(2, 2)
+    x = torch.randn(3, channels, *size, dtype=torch.float64, requires_grad=True)
+    fused = conv_instance_norm_pool(x, conv, norm, act)
+    plain = pool(act(norm(conv(x))))
+    assert fused.shape == plain.shape and fused.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    wrt = [x, conv.weight, conv.bias, norm.weight, norm.bias]
+    weights = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad((fused * weights).sum(), wrt), torch.autograd.grad((plain * weights).sum(), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_pooled_stage_is_only_taken_for_2x2_average_pooling():
+    conv, norm = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(8, 8)
+    assert pooled_shortcut_applies([conv, norm, nn.ReLU(), nn.AvgPool2d(2, 2)])
+    for tail in ([nn.ReLU(), nn.MaxPool2d(2, 2)], [nn.ReLU(), nn.AvgPool2d(2, 1)], [nn.ReLU(), nn.AvgPool2d(3, 2)],
+                 [nn.ReLU(), nn.AvgPool2d(2, 2, ceil_mode=True)], [nn.Softmax(1), nn.AvgPool2d(2, 2)], [nn.ReLU()]):
+        assert not pooled_shortcut_applies([conv, norm, *tail])
+    assert fuses_pooling(create_model("convnet", channels=1, num_classes=3, image_size=(28, 28)))
+    assert not fuses_pooling(create_model("convnet", channels=3, num_classes=3, image_size=(32, 32)))  # 27 taps
+    for name in ("convnet_maxpool", "convnet_nopool", "convnet_bn"):
+        assert not fuses_pooling(create_model(name, channels=1, num_classes=3, image_size=(28, 28)))
+    net = create_model("convnet", channels=1, num_classes=3, image_size=(28, 28))
+    assert not fuses_pooling(use_patch_shortcut(net, True, fuse_pooling=False))
+
+
+def test_compiled_graph_takes_the_pooled_stage(monkeypatch):
+    """Under torch.compile the first stage goes through ``conv_instance_norm_pool`` and still gives the plain
+    modules' features and input gradient (float32)."""
+    import ddkit.models.patchnorm as patchnorm
+
+    traced = []
+    original = patchnorm.conv_instance_norm_pool
+
+    def spy(*args):
+        traced.append(True)
+        return original(*args)
+
+    monkeypatch.setattr(patchnorm, "conv_instance_norm_pool", spy)
+    torch.manual_seed(0)
+    net = create_model("convnet_d2", channels=1, num_classes=3, image_size=(10, 10), width=16)
+    plain = use_patch_shortcut(copy.deepcopy(net), False)
+    x = torch.randn(5, 1, 10, 10)
+    xc = x.clone().requires_grad_(True)
+    xp = x.clone().requires_grad_(True)
+    got = torch.compile(net.features)(xc)
+    want = plain.features(xp)
+    assert traced, "the compiled graph did not use the pooled stage"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), xc)[0],
+                               torch.autograd.grad(want.square().sum(), xp)[0], rtol=1e-4, atol=1e-5)

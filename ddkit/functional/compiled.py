@@ -27,6 +27,13 @@ COMPILE_MODES = ("auto", "on", "off")
 #: (``python -m benchmarks.bench_levers``).  Accelerators take whole batches.
 CPU_CHUNK_PIXELS = 16 * 28 * 28
 
+#: CPU: input pixels per *compiled* pass of a network whose first stage runs fused
+#: (``ddkit.models.patchnorm.conv_instance_norm_pool``: no full-resolution map is written, so the small passes'
+#: reason is gone and larger ones run the 128-channel convolutions more efficiently).  64 Fashion-MNIST images: a
+#: no-grad ConvNet-3 forward of 2,560 images took 2.23 s in chunks of 64, 2.39 s in 32, 2.31 s in 128 and 2.80 s in
+#: 16, against 2.95 s for the unfused shortcut in chunks of 16 (one process, interleaved; benchmarks/RESULTS.md).
+FUSED_CHUNK_PIXELS = 64 * 28 * 28
+
 #: CPU: input pixels per *compiled training* pass (32 Fashion-MNIST images).  With glibc's default allocator a
 #: whole 100-image batch re-faults its 52 MB activation tensors every step (they are mmapped and unmapped); chunks
 #: of 20-32 images stay under the mmap threshold and ran a compiled ConvNet-3 step 5-11 % faster.  With

@@ -31,7 +31,15 @@ from torch import Tensor, nn
 
 from ..augment import DEFAULT_STRATEGY, DSA
 from ..data.realdata import RealData
-from ..functional.compiled import ChunkedForward, CompiledOrEager, cpu_chunk, has_batchnorm, resolve_compile
+from ..functional.compiled import (
+    FUSED_CHUNK_PIXELS,
+    ChunkedForward,
+    CompiledOrEager,
+    cpu_chunk,
+    has_batchnorm,
+    resolve_compile,
+)
+from ..models.patchnorm import fuses_pooling
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -45,7 +53,8 @@ CPU_REAL_CHUNK = 64
 # The compiled forward (channels-last) takes chunks of CPU_CHUNK_PIXELS input pixels (16 Fashion-MNIST images, 196
 # 8x8 digits; compiled.cpu_chunk) on both branches: on 2 cores (AMD EPYC, AVX2), a Fashion-MNIST ConvNet-3
 # forward of 2560 images took 2.7 s in chunks of 16, 3.3 s in chunks of 64, 4.4 s compiled NCHW in chunks of 256,
-# against about 7 s eager (benchmarks/RESULTS.md, issue 3).
+# against about 7 s eager (benchmarks/RESULTS.md, issue 3).  When the first stage runs fused (patchnorm's
+# conv_instance_norm_pool, the default ConvNet) the chunks are FUSED_CHUNK_PIXELS (64 images) instead.
 
 #: DM README: "for CIFAR10 dataset we set --lr_img 1 for --ipc = 1/10/50, --lr_img 10 for
 #: --ipc = 100/200/500/1000/1250.  For CIFAR100 dataset, we set --lr_img 1 for --ipc = 1/10/50/100/125."
@@ -190,10 +199,10 @@ def class_means(feats: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 def chunk_size(requested: int, images_shape: tuple[int, ...], device: torch.device, batchnorm: bool,
-               compiled: bool = False) -> int:
+               compiled: bool = False, fused: bool = False) -> int:
     """Rows per no-grad chunk of a batch of ``images_shape``: everything for BN nets (batch statistics), else the
-    request, else on CPU the compiled forward's cache-sized chunk (``compiled``) or CPU_REAL_CHUNK, and on
-    accelerators everything."""
+    request, else on CPU the compiled forward's cache-sized chunk (``compiled``; larger when the network's first
+    stage runs ``fused``) or CPU_REAL_CHUNK, and on accelerators everything."""
     total = images_shape[0]
     if batchnorm or total == 0:
         return max(total, 1)
@@ -201,7 +210,9 @@ def chunk_size(requested: int, images_shape: tuple[int, ...], device: torch.devi
         return requested
     if device.type != "cpu":
         return total
-    return (cpu_chunk(images_shape, device) or CPU_REAL_CHUNK) if compiled else CPU_REAL_CHUNK
+    if not compiled:
+        return CPU_REAL_CHUNK
+    return cpu_chunk(images_shape, device, *([FUSED_CHUNK_PIXELS] if fused else [])) or CPU_REAL_CHUNK
 
 
 def to_layout(x: Tensor, channels_last: bool) -> Tensor:
@@ -313,7 +324,7 @@ class DMDistiller(Distiller):
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
         chunk = chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, has_batchnorm(net),
-                           compiled=self.encoder.enabled)
+                           compiled=self.encoder.enabled, fused=fuses_pooling(net))
         features = self.encoder.bind(net)
         real_means = real_feature_means(features, batch, self.aug, params, real.num_classes, chunk,
                                         dtype, cfg.channels_last)
@@ -324,7 +335,7 @@ class DMDistiller(Distiller):
         cfg: DMConfig = self.config  # type: ignore[assignment]
         x = augment_by_class(self.aug, images, row_class, draw.params)
         features = draw.features
-        chunk = cpu_chunk(tuple(x.shape), self.device)
+        chunk = cpu_chunk(tuple(x.shape), self.device, *([FUSED_CHUNK_PIXELS] if fuses_pooling(draw.net) else []))
         if self.encoder.enabled and chunk is not None and not has_batchnorm(draw.net):
             # cache-sized passes, as on the real branch (exact: samples are independent without batch norm)
             features = ChunkedForward(features, chunk)
