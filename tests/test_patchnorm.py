@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ddkit.functional.compiled import CompiledOrEager
 from ddkit.models import create_model
 from ddkit.models.patchnorm import (
     ConvNormStage,
@@ -167,9 +168,17 @@ def test_compiled_graph_takes_the_pooled_stage(monkeypatch):
     x = torch.randn(5, 1, 10, 10)
     xc = x.clone().requires_grad_(True)
     xp = x.clone().requires_grad_(True)
-    got = torch.compile(net.features)(xc)
+    got = CompiledOrEager(net.features)(xc)  # ddkit's compiled calls: static sizes
     want = plain.features(xp)
     assert traced, "the compiled graph did not use the pooled stage"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), xc)[0],
-                               torch.autograd.grad(want.square().sum(), xp)[0], rtol=1e-4, atol=1e-5)
+    want_grad = torch.autograd.grad(want.square().sum(), xp)[0]
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), xc)[0], want_grad, rtol=1e-4, atol=1e-5)
+    assert not any(m.static_shapes for m in net.modules() if isinstance(m, ConvNormStage))
+    # a user's own compile may trace symbolic sizes, which the fused stage cannot take: the batched product
+    traced.clear()
+    xd = x.clone().requires_grad_(True)
+    got = torch.compile(net.features, dynamic=True)(xd)
+    assert not traced
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), xd)[0], want_grad, rtol=1e-4, atol=1e-5)

@@ -64,15 +64,24 @@ class CompiledOrEager:
     calls ``fn`` eagerly from then on, so a missing toolchain costs speed, never a run."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        from ..models.patchnorm import ConvNormStage
+
         self.fn = fn
         self.enabled = True  # False after the first compiler failure
         self._compiled = torch.compile(fn, dynamic=False)
+        # the module behind ``fn`` (itself or a bound method's owner): its ConvNormStages may fuse their pooling in
+        # these static-shape graphs (models/patchnorm.py)
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        self._stages = [m for m in owner.modules() if isinstance(m, ConvNormStage)] if isinstance(owner, nn.Module) else []
 
     def __call__(self, x: Tensor) -> Tensor:
+        from ..models.patchnorm import static_shape_calls
+
         if self.enabled:
             try:
                 limit = max(COMPILED_GRAPHS_LIMIT, torch._dynamo.config.cache_size_limit)
-                with torch._dynamo.config.patch(cache_size_limit=limit):  # for this call only: no global change
+                # for this call only: no global change
+                with torch._dynamo.config.patch(cache_size_limit=limit), static_shape_calls(self._stages):
                     return self._compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                 warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); running eagerly",

@@ -30,7 +30,8 @@ state dict).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,13 @@ def _materialize_op() -> Callable[[Tensor], Tensor] | None:
 _MATERIALIZE = _materialize_op()
 
 
+def _materialized(x: Tensor) -> Tensor:
+    """``x`` as a contiguous buffer of its own; passed through the op as a 2-D ``[n, rest]`` tensor, whose stride
+    order Inductor can settle even with symbolic sizes (it could not for the 4-D padded image)."""
+    assert _MATERIALIZE is not None
+    return _MATERIALIZE(x.reshape(x.shape[0], -1)).view(x.shape)
+
+
 def conv_instance_norm_pool(x: Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module) -> Tensor:
     """``avg_pool_2x2(act(norm(conv(x))))`` without the full-resolution map: a channels-last ``n x K x H/2 x W/2``.
 
@@ -173,8 +181,8 @@ def conv_instance_norm_pool(x: Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, act:
     half_h, half_w = (height + 2 * ph - kh + 1) // 2, (width + 2 * pw - kw + 1) // 2
     assert _MATERIALIZE is not None, "conv_instance_norm_pool needs torch.library.custom_op (torch >= 2.4)"
     _, coef, shift = affine_coefficients(x, conv, norm)
-    padded = _MATERIALIZE(F.pad(x, (pw, pw, ph, ph)))
-    coef, shift = _MATERIALIZE(coef), _MATERIALIZE(shift)
+    padded = _materialized(F.pad(x, (pw, pw, ph, ph)))
+    coef, shift = _materialized(coef), _materialized(shift)
     base = shift[:, None, None, :]                                        # n, 1, 1, K
     total: Tensor | None = None
     for a in range(2):
@@ -198,13 +206,17 @@ class ConvNormStage(nn.Sequential):
 
     ``use_shortcut`` is decided from the first two layers at construction; setting it to False gives the plain
     module path (benchmarks compare the two this way).  ``fuse_pooling`` lets compiled graphs of a
-    ``conv -> norm -> activation -> 2x2 average pool`` stage use :func:`conv_instance_norm_pool`.
+    ``conv -> norm -> activation -> 2x2 average pool`` stage use :func:`conv_instance_norm_pool`, which they do
+    only inside :func:`static_shape_calls` (ddkit's own compiled calls, ``CompiledOrEager``): with symbolic
+    sizes (a user's own ``torch.compile`` once a batch size changes) Inductor 2.13 fails to lower the fused
+    stage's channels-last output, so other compiled graphs keep the batched product.
     """
 
     def __init__(self, *layers: nn.Module) -> None:
         super().__init__(*layers)
         self.use_shortcut = self.shortcut_possible()
         self.fuse_pooling = True
+        self.static_shapes = False  # set only for the duration of a static-shape compiled call
 
     def shortcut_possible(self) -> bool:
         return len(self) >= 2 and shortcut_applies(self[0], self[1])
@@ -216,7 +228,8 @@ class ConvNormStage(nn.Sequential):
         """The layers up to (not including) index ``stop`` (all by default; negative counts from the end), so that
         callers that need an inner activation (CAFE's pre-pooling taps) still get the shortcut."""
         layers = list(self)[:stop]
-        if self.use_shortcut and self.fuse_pooling and _is_compiling() and pooled_shortcut_applies(layers):
+        if (self.use_shortcut and self.fuse_pooling and self.static_shapes and _is_compiling()
+                and pooled_shortcut_applies(layers)):
             x = conv_instance_norm_pool(x, layers[0], layers[1], layers[2])
             layers = layers[4:]
         elif self.use_shortcut and len(layers) >= 2:
@@ -251,7 +264,20 @@ def use_patch_shortcut(net: nn.Module, enabled: bool, fuse_pooling: bool = True)
 
 
 def fuses_pooling(net: nn.Module) -> bool:
-    """Whether a compiled graph of ``net`` runs some stage through :func:`conv_instance_norm_pool`, which never
-    materialises the stage's full-resolution map (callers size their CPU chunks by that)."""
+    """Whether ddkit's compiled calls of ``net`` run some stage through :func:`conv_instance_norm_pool`, which
+    never materialises the stage's full-resolution map (callers size their CPU chunks by that)."""
     return any(isinstance(m, ConvNormStage) and m.use_shortcut and m.fuse_pooling
                and pooled_shortcut_applies(list(m)) for m in net.modules())
+
+
+@contextmanager
+def static_shape_calls(stages: list[ConvNormStage]) -> Iterator[None]:
+    """Mark ``stages`` as traced with static sizes for the duration (dynamo guards on the flag, so graphs traced
+    inside and outside the block are kept apart), so that they may take :func:`conv_instance_norm_pool`."""
+    for stage in stages:
+        stage.static_shapes = True
+    try:
+        yield
+    finally:
+        for stage in stages:
+            stage.static_shapes = False
