@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.patchnorm import ConvNormStage, static_shape_calls
 
 COMPILE_MODES = ("auto", "on", "off")
 
@@ -64,8 +65,6 @@ class CompiledOrEager:
     calls ``fn`` eagerly from then on, so a missing toolchain costs speed, never a run."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
-        from ..models.patchnorm import ConvNormStage
-
         self.fn = fn
         self.enabled = True  # False after the first compiler failure
         self._compiled = torch.compile(fn, dynamic=False)
@@ -75,8 +74,6 @@ class CompiledOrEager:
         self._stages = [m for m in owner.modules() if isinstance(m, ConvNormStage)] if isinstance(owner, nn.Module) else []
 
     def __call__(self, x: Tensor) -> Tensor:
-        from ..models.patchnorm import static_shape_calls
-
         if self.enabled:
             try:
                 limit = max(COMPILED_GRAPHS_LIMIT, torch._dynamo.config.cache_size_limit)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..augment import DEFAULT_STRATEGY, DSA
 from ..data.realdata import RealData
 from ..functional.compiled import (
+    CPU_CHUNK_PIXELS,
     FUSED_CHUNK_PIXELS,
     ChunkedForward,
     CompiledOrEager,
@@ -212,7 +213,7 @@ def chunk_size(requested: int, images_shape: tuple[int, ...], device: torch.devi
         return total
     if not compiled:
         return CPU_REAL_CHUNK
-    return cpu_chunk(images_shape, device, *([FUSED_CHUNK_PIXELS] if fused else [])) or CPU_REAL_CHUNK
+    return cpu_chunk(images_shape, device, FUSED_CHUNK_PIXELS if fused else CPU_CHUNK_PIXELS) or CPU_REAL_CHUNK
 
 
 def to_layout(x: Tensor, channels_last: bool) -> Tensor:
@@ -335,7 +336,8 @@ class DMDistiller(Distiller):
         cfg: DMConfig = self.config  # type: ignore[assignment]
         x = augment_by_class(self.aug, images, row_class, draw.params)
         features = draw.features
-        chunk = cpu_chunk(tuple(x.shape), self.device, *([FUSED_CHUNK_PIXELS] if fuses_pooling(draw.net) else []))
+        pixels = FUSED_CHUNK_PIXELS if fuses_pooling(draw.net) else CPU_CHUNK_PIXELS
+        chunk = cpu_chunk(tuple(x.shape), self.device, pixels)
         if self.encoder.enabled and chunk is not None and not has_batchnorm(draw.net):
             # cache-sized passes, as on the real branch (exact: samples are independent without batch norm)
             features = ChunkedForward(features, chunk)
