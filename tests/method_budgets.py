@@ -1,0 +1,45 @@
+"""Cheap configurations of every registered method, for the registry-parametrised contract tests.
+
+``tests/test_contract.py`` runs each method in ``ddkit.methods.METHODS`` through exact resume, a state-dict round
+trip and "learns on digits" (its IPC-1 set beats random real images of the same IPC under the same seeded
+evaluation).  A method without an entry here fails ``test_every_method_has_a_budget``, so a new method is tested
+the moment it is registered.
+
+Each entry says how to run the method in seconds on 2 cores: the iteration count, config overrides, and an
+optional ``prepare(tmp_dir, real) -> extra options`` hook for what the method needs beyond the data (e.g. a few
+tiny expert trajectories).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class MethodBudget:
+    #: iterations of the "learns" run (the resume tests use min(iterations, 3))
+    iterations: int
+    #: method config overrides (``method.<field>``) for every contract run
+    options: dict[str, Any] = field(default_factory=dict)
+    #: extra overrides for the resume / round-trip runs only (e.g. smaller inner loops)
+    quick_options: dict[str, Any] = field(default_factory=dict)
+    #: builds what the method needs beyond the data; returns extra options (``{"experts": path}``)
+    prepare: Callable[[Path, Any], dict[str, Any]] | None = None
+    #: a coreset selector: it picks real images, so it is only held to not losing against random ones
+    selects_only: bool = False
+    #: the margin (accuracy points) by which the set must beat random real images of the same IPC
+    margin: float = 1.0
+
+
+BUDGETS: dict[str, MethodBudget] = {
+    "random": MethodBudget(iterations=0, selects_only=True, margin=-100.0),
+    "herding": MethodBudget(iterations=0, options={"feature_epochs": 0}, selects_only=True, margin=-100.0),
+    "kcenter": MethodBudget(iterations=0, options={"feature_epochs": 0}, selects_only=True, margin=-100.0),
+    "dm": MethodBudget(iterations=30, options={"batch_real": 64}),
+    "dc": MethodBudget(iterations=30, options={"model": "convnet_w32", "batch_real": 64}),
+    "dsa": MethodBudget(iterations=30, options={"model": "convnet_w32", "batch_real": 64}),
+    "cafe": MethodBudget(iterations=1, options={"batch_real": 64, "watch_per_class": 16, "max_updates": 5,
+                                                 "max_inner_epochs": 5},
+                         quick_options={"model": "convnet_w32", "max_updates": 2, "max_inner_epochs": 2}),
+}
