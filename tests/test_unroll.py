@@ -327,3 +327,32 @@ def test_loss_and_grads_matches_autograd_and_works_under_no_grad():
     torch.testing.assert_close(got_loss, loss.detach())
     for e, (name, g) in zip(expected, got.items()):
         torch.testing.assert_close(g, e, msg=name)
+
+
+def test_checkpoint_recomputes_in_the_forward_mode_with_batch_norm():
+    """Inner steps in train mode (batch statistics, running statistics updated once per step), outer loss in eval
+    mode (running statistics): "checkpoint" recomputes in train mode and leaves the running statistics as
+    "graph" does."""
+    torch.manual_seed(0)
+    model = create_model("convnet_bn", channels=1, num_classes=3, image_size=8, width=4).double()
+    start_buffers = {k: b.clone() for k, b in model.named_buffers()}
+    x, y, _ = _data(n=9, classes=3)
+    x.requires_grad_(True)
+    idx = _batches(3, 9, 6)
+    grads, stats = {}, {}
+    for mode in ("graph", "checkpoint"):
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(start_buffers[k])
+        model.train()
+        out = unroll_sgd(model, _params(model), lambda i, xs, ys: (xs[idx[i]], ys[idx[i]]), (x, y), 0.1, 3,
+                         mode=mode)
+        model.eval()
+        loss = F.cross_entropy(torch.func.functional_call(model, out, (x.detach(),)), y)
+        grads[mode] = torch.autograd.grad(loss, x)[0]
+        stats[mode] = {k: b.clone() for k, b in model.named_buffers()}
+    assert model.training is False  # the caller's mode is back after the backward
+    torch.testing.assert_close(grads["checkpoint"], grads["graph"], rtol=1e-10, atol=1e-12)
+    for k in stats["graph"]:
+        torch.testing.assert_close(stats["checkpoint"][k], stats["graph"][k], rtol=0, atol=0)
+        assert not torch.equal(stats["graph"][k], start_buffers[k]), f"{k} was not updated: the test shows nothing"

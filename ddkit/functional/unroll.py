@@ -26,9 +26,12 @@ graph (expert training, evaluation-like use) and returns detached parameters.
 Determinism: "checkpoint" calls ``batch_fn(i, *inputs)`` again during the backward pass, so it must return the
 same batch for the same ``i``: pre-draw the indices and augmentation parameters, do not draw inside it.
 
-Buffers: outputs must not depend on buffers that the forward updates in place (they do not for batch norm in
-train mode, which normalises with batch statistics, nor in eval mode, which does not update).  "checkpoint"
-recomputes steps on copies of the buffers, so running statistics are updated once per step, as in "graph".
+Buffers and modes: outputs must not depend on buffers that the forward updates in place (they do not for batch
+norm in train mode, which normalises with batch statistics, nor in eval mode, which does not update).
+"checkpoint" recomputes steps on copies of the buffers, so running statistics are updated once per step, as in
+"graph", and with each submodule's train/eval flag as it was during the forward (a caller typically switches to
+eval mode for its outer loss).  Layers that draw random numbers in train mode (dropout) would draw different
+ones in the recomputation: use "graph" for them.
 Parameters whose gradient is undefined (unused by the loss) get a zero gradient (``torch.optim.SGD`` would skip
 them, weight decay included).
 """
@@ -214,6 +217,9 @@ class _Spec:
     has_buf: bool
     n_inputs: int
     buffers: Params | None
+    #: each submodule's ``training`` flag during the forward, restored for the recomputation (the caller may
+    #: switch the model to eval mode for its outer loss before calling backward)
+    modes: tuple[bool, ...]
 
     def split(self, flat: Sequence) -> tuple[Params, Params | None, Tensor, tuple]:
         n = len(self.names)
@@ -223,7 +229,9 @@ class _Spec:
         return params, buf, rest[0], tuple(rest[1:])
 
     def buffer_copies(self) -> Params | None:
-        return None if self.buffers is None else {k: b.clone() for k, b in self.buffers.items()}
+        """Copies of the buffers for a recomputation, so that running statistics are not updated twice."""
+        source = dict(self.model.named_buffers()) if self.buffers is None else self.buffers
+        return {k: b.clone() for k, b in source.items()} or None
 
 
 def _checkpointed(
@@ -232,7 +240,8 @@ def _checkpointed(
 ) -> Params:
     names = tuple(params)
     has_buf = momentum_buf is not None
-    spec = _Spec(model, batch_fn, rule, loss_fn, steps, names, has_buf, len(inputs), buffers)
+    spec = _Spec(model, batch_fn, rule, loss_fn, steps, names, has_buf, len(inputs), buffers,
+                 tuple(m.training for m in model.modules()))
     flat = [params[k] for k in names] + ([momentum_buf[k] for k in names] if has_buf else []) + [lrs, *inputs]
     out = _CheckpointedUnroll.apply(spec, *flat)
     return dict(zip(names, out))
@@ -279,16 +288,30 @@ class _CheckpointedUnroll(torch.autograd.Function):
         need_lr = ctx.needs_input_grad[1 + n_state]
         need_in = ctx.needs_input_grad[2 + n_state :]
 
-        # Adjoint of the final state; the final buffers are not outputs, so their adjoint is zero (None).
-        # (autograd materialises the output gradients: zeros for outputs the loss does not use).
+        offsets = [0]
+        for has in ctx.with_buf:
+            offsets.append(offsets[-1] + (2 * n_p if has else n_p))
+        modules = list(spec.model.modules())
+        caller_modes = [m.training for m in modules]
+        for m, mode in zip(modules, spec.modes):
+            m.training = mode
+        try:
+            return _CheckpointedUnroll._walk_back(ctx, spec, grad_out, lrs, inputs, trajectory, offsets,
+                                                  need_p, need_b, need_lr, need_in)
+        finally:
+            for m, mode in zip(modules, caller_modes):
+                m.training = mode
+
+    @staticmethod
+    def _walk_back(ctx, spec: _Spec, grad_out, lrs, inputs, trajectory, offsets, need_p, need_b, need_lr,
+                   need_in) -> tuple[Tensor | None, ...]:
+        n_p = len(spec.names)
+        # Adjoint of the final state (autograd materialises zeros for outputs the loss does not use); the final
+        # buffers are not outputs, so their adjoint is zero (None).
         adj_p: list[Tensor] = list(grad_out)
         adj_b: list[Tensor] | None = None
         grad_lrs = torch.zeros_like(lrs) if need_lr else None
         grad_in: list[Tensor | None] = [torch.zeros_like(t) if need else None for t, need in zip(inputs, need_in)]
-
-        offsets = [0]
-        for has in ctx.with_buf:
-            offsets.append(offsets[-1] + (2 * n_p if has else n_p))
         with torch.enable_grad():
             lr_leaf = lrs.detach().requires_grad_(need_lr)
             in_leaves = tuple(t.detach().requires_grad_(bool(need)) for t, need in zip(inputs, need_in))
