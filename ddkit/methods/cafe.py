@@ -53,18 +53,8 @@ from ..models.patchnorm import ConvNormStage
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
-from .dm import (
-    ClassBatch,
-    CompiledEmbedder,
-    Params,
-    augment_by_class,
-    augmented_chunks,
-    chunk_size,
-    class_means,
-    resolve_dsa,
-    sample_class_params,
-    sample_per_class,
-)
+from .common import ClassBatch, Params, augment_by_class, class_means, resolve_dsa, sample_class_params, sample_per_class
+from .dm import CompiledEmbedder, augmented_chunks, chunk_size
 
 _POOLS = (nn.AvgPool2d, nn.MaxPool2d)
 

@@ -62,7 +62,7 @@ from ..functional.pergrad import (
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
-from .dm import augment_by_class, resolve_dsa, sample_class_params, sample_per_class
+from .common import augment_by_class, blocks, resolve_dsa, sample_class_params, sample_per_class
 
 #: ``get_loops`` (utils.py): IPC -> (outer_loop, inner_loop), "empirically good" values of the authors.
 OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
@@ -186,22 +186,6 @@ def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tenso
                                  chunk=real_chunk)
     g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=syn_mode, second_order=True, chunk=None)
     return match_distance(g_real, g_syn, distance)
-
-
-def blocks(images: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Class-major rows ``[N, ...]`` with class ids ``row_class`` (CPU) as ``[K, n, ...]`` blocks and weights.
-
-    A plain ``view`` when the rows are sorted by class in equal counts (the usual case); otherwise a gather
-    and zero padding with weight 0.  Differentiable in ``images`` either way.
-    """
-    counts = torch.bincount(row_class, minlength=num_classes)
-    n = int(counts[0])
-    sorted_equal = bool((counts == n).all()) and bool((row_class[1:] >= row_class[:-1]).all())
-    if sorted_equal and n > 0:
-        w = torch.ones(num_classes, n, dtype=images.dtype, device=images.device)
-        return images.view(num_classes, n, *images.shape[1:]), w
-    pieces = [images[torch.nonzero(row_class == c).flatten().to(images.device)] for c in range(num_classes)]
-    return pad_classes(pieces)
 
 
 def freeze_batchnorm(net: nn.Module, real: RealData, per_class: int, generator: torch.Generator,
