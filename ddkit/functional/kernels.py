@@ -201,19 +201,26 @@ def block_bytes(spec: KernelSpec, rows: int, cols: int, positions: int, dtype: t
     return rows * cols * per_pair * (TENSORS_FIXED + TENSORS_PER_LAYER * spec.depth)
 
 
+def _size(n: int) -> str:
+    return f"{n / 1024 ** 3:.2f} GiB" if n >= 1024 ** 3 else f"{n / 1024 ** 2:.1f} MiB"
+
+
 def _check_block(spec: KernelSpec, rows: int, cols: int, positions: int, dtype: torch.dtype, limit: int | None,
-                 batch_name: str) -> None:
+                 batch_name: str, setting: int) -> None:
+    """Refuse a block of ``rows x cols`` pairs that needs more than ``limit`` bytes (``setting``: the batch the
+    caller asked for, 0 = automatic)."""
     if limit is None:
         return
     need = block_bytes(spec, rows, cols, positions, dtype)
     if need > limit:
-        gib = 1024 ** 3
         fit = limit // max(block_bytes(spec, 1, cols, positions, dtype), 1)
-        hint = (f"lower {batch_name} (now {rows}) to at most {fit}" if fit >= 1 else
-                f"even one row does not fit: use fewer support images, a smaller image or a shallower kernel")
+        if fit < 1:
+            hint = "even one row does not fit: use fewer support images, a smaller image or a shallower kernel"
+        else:
+            hint = f"lower {batch_name} (now {setting or 'automatic'}) to at most {fit}"
         raise ConfigError(
             f"{spec.arch} {spec.get} kernel: a block of {rows} x {cols} pairs x {positions} positions x depth "
-            f"{spec.depth} needs about {need / gib:.2f} GiB, more than the {limit / gib:.2f} GiB available; {hint}")
+            f"{spec.depth} needs about {_size(need)}, more than the {_size(limit)} available; {hint}")
 
 
 # ------------------------------------------------------------------------------------------------ public entry
@@ -238,13 +245,14 @@ def kernel_matrix(spec: KernelSpec, x1: Tensor, x2: Tensor, *, batch: int = 0, m
     positions, n1, n2 = f1.shape[-1], f1.shape[0], f2.shape[0]
     if memory_limit is None:
         memory_limit = available_memory(x1.device)
+    setting = batch
     if batch == 0:
         per_row = max(block_bytes(spec, 1, n2, positions, f1.dtype), 1)
         batch = max(1, block_memory // per_row)
-        if memory_limit is not None and per_row > memory_limit:
-            _check_block(spec, 1, n2, positions, f1.dtype, memory_limit, batch_name)
+        if memory_limit is not None:
+            batch = max(1, min(batch, memory_limit // per_row))  # automatic blocks fit what there is
     rows = min(batch, max(n1, 1))
-    _check_block(spec, rows, n2, positions, f1.dtype, memory_limit, batch_name)
+    _check_block(spec, rows, n2, positions, f1.dtype, memory_limit, batch_name, setting)
     d1 = _self_variances(f1, spec, hw)
     d2 = d1 if x2 is x1 else _self_variances(f2, spec, hw)
     grads = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DivergenceError
 
-__all__ = ["SingularKernelError", "centered_one_hot", "krr_predict", "krr_loss", "ridge"]
+__all__ = ["SingularKernelError", "centered_one_hot", "krr_predict", "krr_loss", "krr_mse", "ridge"]
 
 
 class SingularKernelError(DivergenceError):
@@ -97,7 +97,11 @@ def krr_loss(k_ts: Tensor, k_ss: Tensor, y_s: Tensor, y_t: Tensor, reg: float = 
     ``y_t`` is ``[n_t, C]`` (centred one-hot).  The mean is over ``n_t * C`` entries, which is what
     ``jnp.mean`` computes in the colab; this only rescales the gradient, which Adam ignores.
     """
-    pred = krr_predict(k_ts, k_ss, y_s, reg)
+    return krr_mse(krr_predict(k_ts, k_ss, y_s, reg), y_t)
+
+
+def krr_mse(pred: Tensor, y_t: Tensor) -> Tensor:
+    """``0.5 * mean((Y_t - pred)^2)``: :func:`krr_loss` for a caller that also needs the prediction (accuracy)."""
     if y_t.shape != pred.shape:
         raise ConfigError(f"krr_loss: y_t must be {tuple(pred.shape)}, got {tuple(y_t.shape)}")
     return 0.5 * (pred - y_t.to(pred.dtype)).pow(2).mean()
