@@ -42,4 +42,6 @@ BUDGETS: dict[str, MethodBudget] = {
     "cafe": MethodBudget(iterations=1, options={"batch_real": 64, "watch_per_class": 16, "max_updates": 5,
                                                  "max_inner_epochs": 5},
                          quick_options={"model": "convnet_w32", "max_updates": 2, "max_inner_epochs": 2}),
+    # FC-1 NTK (the default kernel); digits has ~135 training images per class, so 1000 is nearly all of them
+    "kip": MethodBudget(iterations=20, options={"target_batch": 1000}),
 }
