@@ -23,8 +23,11 @@ from .data import load_dataset
 from .data.preprocess import Preprocess
 from .data.realdata import RealData
 from .engine import Callback, GridSaver, MetricsLogger, PeriodicEval, ProgressBar, distill as run_engine, make_generator
+from .engine.runfolder import RunFolder, check_resume, run_record
 from .errors import ConfigError, DataError
 from .evaluation import EvalProtocol
+from .evaluation.compat import check_set_matches
+from .validate import check_method_config, check_run_config, check_run_value
 from .io import atomic_write_text
 from .methods import METHODS, create_distiller
 from .synthetic import SyntheticSet
@@ -41,7 +44,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def method_config(method: str, dataset: str, ipc: int, overrides: dict[str, Any] | None = None):
-    """The method's per-dataset/IPC defaults with ``overrides`` applied (unknown keys rejected)."""
+    """The method's per-dataset/IPC defaults with ``overrides`` applied (unknown keys and meaningless values
+    rejected with the same rules as ``--set`` and YAML: :mod:`ddkit.validate`)."""
     cls = METHODS.get(method)
     cfg = cls.default_config(dataset, ipc)
     fields = {f.name for f in dataclasses.fields(cfg)}
@@ -50,6 +54,7 @@ def method_config(method: str, dataset: str, ipc: int, overrides: dict[str, Any]
             run = RunConfig()
             apply_setting(run, f"method.{k}", v, type(cfg))  # raises with close matches
         setattr(cfg, k, v)
+    check_method_config(cfg)
     return cfg
 
 
@@ -63,23 +68,68 @@ def distill(
     device: str = "auto",
     out_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: Sequence[Any] = (),
     checkpoint_every: int = 100,
     **options: Any,
 ) -> SyntheticSet:
-    """Distill ``real`` into ``ipc`` images per class with ``method``; ``options`` are method config fields."""
+    """Distill ``real`` into ``ipc`` images per class with ``method``; ``options`` are method config fields.
+
+    With ``out_dir`` the run keeps checkpoints there under the run-folder rules (:mod:`ddkit.engine.runfolder`):
+    the folder is locked while the run lasts, a folder holding another run needs ``resume=True`` (same settings,
+    or more iterations) or ``overwrite=True``.
+    """
+    for key, value in (("ipc", ipc), ("iterations", iterations), ("seed", seed),
+                       ("engine.checkpoint_every", checkpoint_every)):
+        check_run_value(key, value)
     real.check_ipc(ipc)
     dev = resolve_device(device)
     cfg = method_config(method, real.name, ipc, options)
+    if out_dir is None:
+        return _distill(real, method, cfg, ipc, iterations, seed, dev, None, False, callbacks, checkpoint_every)
+    folder = RunFolder(out_dir)
+    folder.check_start(resume=resume, overwrite=overwrite)
+    with folder.lock():
+        folder.check_start(resume=resume, overwrite=overwrite)  # again, now that no other process can interfere
+        return _distill(real, method, cfg, ipc, iterations, seed, dev, folder, resume, callbacks, checkpoint_every)
+
+
+class ClearRunFolder(Callback):
+    """A new (not resumed) run removes the files of an earlier run in its folder when it starts, i.e. after the
+    method's ``setup`` accepted the configuration: a rejected run leaves the folder as it was."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+
+    def on_start(self, state: Any) -> None:
+        self.folder.clear()
+
+
+def _distill(real: RealData, method: str, cfg: Any, ipc: int, iterations: int | None, seed: int,
+             dev: torch.device, folder: RunFolder | None, resume: bool, callbacks: Sequence[Any],
+             checkpoint_every: int, data_options: dict[str, Any] | None = None,
+             info: dict[str, Any] | None = None) -> SyntheticSet:
+    """The run itself; with a ``folder`` the caller holds its lock and has checked that it may be used."""
     distiller = create_distiller(method, cfg, device=dev)
     iters = cfg.iterations if iterations is None else iterations
+    record = None
+    if folder is not None:
+        record = run_record(method=method, method_config=cfg, ipc=ipc, seed=seed, iterations=iters, real=real,
+                            data_options=data_options, info={"device": str(dev), **(info or {})})
+        if resume:
+            record = check_resume(folder.path, record)  # refuses other settings before any setup work
+        else:
+            callbacks = [ClearRunFolder(folder), *callbacks]
     syn = SyntheticSet.from_real(real, ipc, make_generator(seed, "init"), init=cfg.init,
                                  soft_labels=cfg.soft_labels, learn_labels=cfg.learn_labels)
     start = time.perf_counter()
     run_engine(distiller, real, syn, iterations=iters, seed=seed, callbacks=callbacks,
-               checkpoint_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
+               checkpoint_dir=folder.path if folder is not None else None, checkpoint_every=checkpoint_every,
+               resume=resume, run_record=record)
     syn.meta.update({"method": method, "seed": seed, "iterations": iters if not distiller.selects_only else 0,
                      "ipc": ipc, "config": dataclasses.asdict(cfg), "seconds": time.perf_counter() - start})
+    if record is not None and record.get("extended_from"):
+        syn.meta["extended_from"] = record["extended_from"]
     return syn.cpu()
 
 
@@ -96,9 +146,17 @@ class ConfigWriter(Callback):
         atomic_write_text(self.path, self.text)
 
 
-def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False) -> SyntheticSet:
-    """What ``ddkit distill`` does: resolve, load, distill with checkpoints/logs/grids, save the set."""
+def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False,
+                    overwrite: bool = False) -> SyntheticSet:
+    """What ``ddkit distill`` does: resolve, load, distill with checkpoints/logs/grids, save the set.
+
+    The run folder's rules (:mod:`ddkit.engine.runfolder`) are checked before the data are loaded, and again
+    under the folder's lock, which the run holds until its set is saved.
+    """
     out = Path(out_dir)
+    folder = RunFolder(out)
+    check_run_config(cfg)
+    folder.check_start(resume=resume, overwrite=overwrite)
     real = load_dataset(cfg.dataset, cfg.data.root, zca=cfg.data.zca, zca_eps=cfg.data.zca_eps,
                         image_size=cfg.data.image_size)
     real.check_ipc(cfg.ipc)
@@ -106,8 +164,6 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     if cfg.iterations is None:
         cfg.iterations = mcfg.iterations
     dev = resolve_device(cfg.device)
-    if resume and not (out / "checkpoint.safetensors").exists():
-        raise ConfigError(f"--resume: no checkpoint in {out}; start without --resume")
     logger = MetricsLogger(out / "metrics.jsonl")
     callbacks: list[Any] = [ConfigWriter(out / "config.yaml", yaml_dump(to_yaml_dict(cfg, mcfg))), logger,
                             GridSaver(out, cfg.engine.grid_every)]
@@ -116,12 +172,17 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     if cfg.engine.eval_every > 0:
         protocol = EvalProtocol(runs=cfg.engine.eval_runs, epochs=cfg.engine.eval_epochs)
         callbacks.append(PeriodicEval(cfg.engine.eval_every, protocol, logger, device=str(dev)))
-    syn = distill(real, cfg.method, cfg.ipc, iterations=cfg.iterations, seed=cfg.seed, device=str(dev),
-                  out_dir=out, resume=resume, callbacks=callbacks,
-                  checkpoint_every=cfg.engine.checkpoint_every,
-                  **{k: v for k, v in dataclasses.asdict(mcfg).items() if k != "iterations"})
-    syn.meta["data"] = dataclasses.asdict(cfg.data)
-    syn.save(out)
+    data_options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}
+    info = {"data.root": cfg.data.root}
+    with folder.lock():
+        folder.check_start(resume=resume, overwrite=overwrite)
+        syn = _distill(real, cfg.method, mcfg, cfg.ipc, cfg.iterations, cfg.seed, dev, folder, resume, callbacks,
+                       cfg.engine.checkpoint_every, data_options, info)
+        syn.meta["data"] = dataclasses.asdict(cfg.data)
+        for key in ("resized", "resized_to"):  # an image folder's resize is part of what the set was made from
+            if key in real.info:
+                syn.meta["data"][key] = real.info[key]
+        syn.save(out)
     return syn
 
 
@@ -132,11 +193,11 @@ def load_real_for(syn: SyntheticSet, root: str | None = None) -> RealData:
     """
     data = syn.meta.get("data", {}) or {}
     root = root or data.get("root")
-    size = syn.images.shape[-1] if syn.dataset == "imagefolder" else data.get("image_size")
+    size = data.get("image_size")
+    if size is None and syn.dataset == "imagefolder" and syn.images.shape[-1] == syn.images.shape[-2]:
+        size = int(syn.images.shape[-1])  # a mixed-size folder was resized to this square size when distilled
     real = load_dataset(syn.dataset, root, image_size=size)
-    if tuple(real.image_shape) != tuple(syn.images.shape[1:]):
-        raise DataError(f"the synthetic set has images of shape {tuple(syn.images.shape[1:])} but {syn.dataset!r} "
-                        f"loaded from {root} has {real.image_shape}")
+    check_set_matches(syn, real, where=str(root) if root else None, encoding=False)  # classes, names, shape
     return reencode(real, syn.preprocess)
 
 

@@ -26,7 +26,9 @@ def _add_distill(sub) -> None:
     p.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. method.lr_img=0.5, data.zca=true, engine.eval_every=100")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --out (same settings; a larger --iterations extends the run)")
+    p.add_argument("--overwrite", action="store_true", help="discard the run already in --out and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -45,6 +47,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--json", help="write the results as JSON to this file")
+    p.add_argument("--log", help="append each finished run to this JSON-lines file (default: evaluations.jsonl in "
+                                 "the set's folder; --full logs only with --log)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its log")
     p.add_argument("--full", action="store_true", help="train on the whole real training set (upper bound)")
     p.add_argument("--dataset", help="with --full: the dataset")
 
@@ -96,6 +101,9 @@ def resolve_run_config(args):
     if args.config:
         data = load_yaml(args.config)
         options = data.pop("method_options", {}) or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{args.config}: method_options must be a mapping of option: value, "
+                              f"got {type(options).__name__}")
         yaml_pairs = flatten_yaml(data) + [(f"method.{k}", v) for k, v in options.items()]
     cli_sets = parse_set(args.set)
     yaml_method = dict(yaml_pairs).get("method")
@@ -107,7 +115,7 @@ def resolve_run_config(args):
         apply_setting(cfg, key, val, method_cls)
     for name in ("dataset", "ipc", "seed", "iterations", "device"):
         if getattr(args, name, None) is not None:
-            setattr(cfg, name, getattr(args, name))
+            apply_setting(cfg, name, getattr(args, name), method_cls)  # the same value rules as --set and YAML
     if args.data_root:
         cfg.data.root = args.data_root
     for key, val in cli_sets:
@@ -123,9 +131,7 @@ def cmd_distill(args) -> int:
 
     cfg = resolve_run_config(args)
     out = Path(args.out)
-    if (out / "checkpoint.safetensors").exists() and not args.resume and (out / "synset.safetensors").exists() is False:
-        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or choose another --out")
-    syn = run_from_config(cfg, out, resume=args.resume)
+    syn = run_from_config(cfg, out, resume=args.resume, overwrite=args.overwrite)  # run-folder rules: runfolder.py
     print(f"wrote {out / 'synset.safetensors'} ({len(syn)} images, {cfg.method}, {cfg.dataset}, ipc {cfg.ipc}, "
           f"{cfg.iterations} iterations) and {out / 'grid.png'}")
     return 0
@@ -137,6 +143,9 @@ def cmd_evaluate(args) -> int:
     from .api import load_real_for, resolve_device, write_json
     from .data import load_dataset
     from .evaluation import EvalProtocol, evaluate, evaluate_tensors
+    from .evaluation.resultlog import ResultLog, data_identity, default_log_path, evaluation_key, run_logged
+    from .io import check_writable, tensor_digest
+    from .validate import check_protocol as check_protocol_values
     from .models import MODELS
     from .synthetic import SyntheticSet
 
@@ -147,22 +156,42 @@ def cmd_evaluate(args) -> int:
                             use_learned_lr=args.lr is None, batch_size=args.batch_size, dsa=not args.no_dsa,
                             compile=args.compile)
     device = resolve_device(args.device)
+    check_protocol_values(protocol)  # --runs, --epochs, --lr, --batch-size, --models (validate.py)
+    if args.json:
+        check_writable(args.json, "--json")  # now, not after the whole evaluation
+    if args.full and args.resume and not args.log:
+        raise ConfigError("evaluate --full --resume needs the --log FILE of the interrupted evaluation")
 
     def on_row(row):
         print(f"  {row.model} run {row.run}: {row.accuracy:.2f} % ({row.seconds:.1f} s)", file=sys.stderr)
+
+    def open_log(path, digest, real):
+        if path is None:
+            return None
+        log = ResultLog(path, evaluation_key(set_digest=digest, protocol=protocol.to_json(), seed=args.seed,
+                                             data=data_identity(real), device=device.type))
+        log.start(resume=args.resume, describe={"set": str(args.path or "whole-dataset"), "models": list(protocol.models),
+                                                "runs": protocol.runs, "seed": args.seed})
+        return log
+
+    total = len(protocol.models) * protocol.runs
 
     if args.full:
         if not args.dataset:
             raise ConfigError("--full needs --dataset NAME")
         real = load_dataset(args.dataset, args.data_root)
-        report = evaluate_tensors(real.train_images, real.train_labels, real, protocol, seed=args.seed,
-                                  method="whole-dataset", ipc=0, device=device, on_row=on_row)
+        log = open_log(args.log, "whole-dataset:" + data_identity(real)["test_sha256"], real)
+        report = run_logged(log, lambda done, row_done: evaluate_tensors(
+            real.train_images, real.train_labels, real, protocol, seed=args.seed, method="whole-dataset", ipc=0,
+            device=device, on_row=row_done, done=done), total=total, on_row=on_row)
     else:
         if not args.path:
             raise ConfigError("evaluate needs a PATH (a run folder or synset.safetensors), or --full --dataset NAME")
         syn = SyntheticSet.load(args.path)
         real = load_real_for(syn, args.data_root)
-        report = evaluate(syn, real, protocol, seed=args.seed, device=device, on_row=on_row)
+        log = open_log(args.log or default_log_path(args.path), tensor_digest(syn.tensors()), real)
+        report = run_logged(log, lambda done, row_done: evaluate(
+            syn, real, protocol, seed=args.seed, device=device, on_row=row_done, done=done), total=total, on_row=on_row)
     print(report.to_markdown())
     if args.json:
         result = report.to_json()
@@ -195,14 +224,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .engine.allocator import keep_freed_memory
 
         keep_freed_memory()  # long training loops: reuse freed activations instead of re-faulting them (allocator.py)
-    try:
-        return handlers[args.command](args)
-    except DDKitError as exc:
-        print(f"ddkit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ddkit {args.command}: interrupted (checkpoints, if any, are intact; use --resume)", file=sys.stderr)
-        return 130
+    return run_command(args.command, lambda: handlers[args.command](args))
+
+
+def run_command(command: str, handler) -> int:
+    """The one top-level handler: user errors, file-system errors and Ctrl-C become one line each (no traceback);
+    ddkit's warnings print as one ``warning:``/``note:`` line."""
+    import warnings
+
+    from .errors import DDKitWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DDKitWarning):
+            kind = "note" if category.__name__ == "RunNote" else "warning"
+            print(f"ddkit {command}: {kind}: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+        warnings.simplefilter("always", DDKitWarning)
+        warnings.showwarning = show
+        try:
+            return handler()
+        except DDKitError as exc:
+            kind = "" if exc.exit_code == 130 else "error: "  # Interrupted says "interrupted ..." itself
+            print(f"ddkit {command}: {kind}{exc}", file=sys.stderr)
+            return exc.exit_code
+        except OSError as exc:  # a path the user gave that cannot be read or written
+            where = f": {exc.filename}" if exc.filename else ""
+            more = f" -> {exc.filename2}" if getattr(exc, "filename2", None) else ""
+            print(f"ddkit {command}: error: {exc.strerror or type(exc).__name__}{where}{more}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            hint = " (checkpoints, if any, are intact; continue with --resume)" if command == "distill" else ""
+            print(f"ddkit {command}: interrupted{hint}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

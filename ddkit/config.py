@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .validate import check_method_value, check_run_value
 
 
 @dataclass
@@ -95,6 +96,9 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
     if isinstance(value, str):
         return parse_value(value, annotation, key)
     if value is None:
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+        if not optional and not (isinstance(annotation, str) and "None" in annotation):
+            raise ConfigError(f"{key}: expected a value of type {getattr(annotation, '__name__', annotation)}, got null")
         return None
     hints = annotation
     if typing.get_origin(hints) in (typing.Union, types.UnionType):
@@ -103,6 +107,8 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     if hints in (int, float, bool) and not isinstance(value, hints) or (hints is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hints.__name__}, got {value!r}")
+    if hints is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
 
@@ -122,14 +128,15 @@ def apply_setting(cfg: RunConfig, key: str, value: Any, method_config_cls: type 
         raise _unknown(key, known, "config")
     if key.startswith("method."):
         name = key.split(".", 1)[1]
-        cfg.method_config[name] = coerce(value, _type_hints(method_config_cls)[name], key)
+        value = coerce(value, _type_hints(method_config_cls)[name], key)
+        cfg.method_config[name] = check_method_value(method_config_cls, name, value)  # validate.py: one rule set
         return
     if "." in key:
         section, name = key.split(".", 1)
         target = getattr(cfg, section)
     else:
         name, target = key, cfg
-    setattr(target, name, coerce(value, _type_hints(type(target))[name], key))
+    setattr(target, name, check_run_value(key, coerce(value, _type_hints(type(target))[name], key)))
 
 
 def parse_set(items: list[str]) -> list[tuple[str, str]]:

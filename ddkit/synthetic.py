@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .data.preprocess import Preprocess
 from .data.realdata import RealData
-from .errors import ArtifactError, ConfigError
-from .io import atomic_write, atomic_write_json, atomic_write_text, read_safetensors
+from .errors import ArtifactError, ConfigError, DivergenceError
+from .io import CHECKSUM_KEY, atomic_write, atomic_write_json, atomic_write_text, read_safetensors, tensor_digest
 
 FORMAT = "ddkit.synset/1"
 SYNSET_FILE = "synset.safetensors"
@@ -124,6 +124,11 @@ class SyntheticSet(nn.Module):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def nonfinite(self) -> list[str]:
+        """Names of the learnable tensors holding NaN or Inf (``images``, ``labels``, ``extras.lr``); empty if none."""
+        named = [("images", self.images), ("labels", self.labels)] + [(f"extras.{k}", v) for k, v in self.extras.items()]
+        return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())]
+
     def decoded(self) -> Tensor:
         """Images as displayable [0,1] pixels."""
         return self.preprocess.decode(self.images.detach().cpu())
@@ -156,9 +161,14 @@ class SyntheticSet(nn.Module):
         from safetensors.torch import save_file
 
         out_dir = Path(out_dir)
+        bad = self.nonfinite()
+        if bad:
+            raise DivergenceError(f"refusing to save a synthetic set whose {', '.join(bad)} hold NaN/Inf values "
+                                  f"(to {out_dir}); nothing was written")
         meta = self.metadata()
-        header = {"ddkit": json.dumps(meta)}
-        path = atomic_write(out_dir / SYNSET_FILE, lambda tmp: save_file(self.tensors(), tmp, metadata=header))
+        tensors = self.tensors()
+        header = {"ddkit": json.dumps(meta), CHECKSUM_KEY: tensor_digest(tensors)}
+        path = atomic_write(out_dir / SYNSET_FILE, lambda tmp: save_file(tensors, tmp, metadata=header))
         atomic_write_json(out_dir / META_FILE, meta)
         return path
 
@@ -192,8 +202,15 @@ class SyntheticSet(nn.Module):
                 extras=extras,
                 meta={k: v for k, v in meta.items() if k not in known},
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
             raise ArtifactError(f"{path} is not a valid ddkit synthetic set ({exc})") from None
+        if syn.nonfinite():
+            raise ArtifactError(f"{path} holds NaN/Inf values in {', '.join(syn.nonfinite())}; it is not a usable set")
+        hard = syn.hard_labels()
+        if (syn.images.dim() != 4 or len(syn.labels) != len(syn) or len(syn.class_names) != syn.num_classes
+                or (len(hard) and (int(hard.min()) < 0 or int(hard.max()) >= syn.num_classes))):
+            raise ArtifactError(f"{path} is not a valid ddkit synthetic set: its images {list(syn.images.shape)}, "
+                                f"labels and {syn.num_classes} classes do not agree")
         return syn.to(device)
 
     # ------------------------------------------------------------------ export

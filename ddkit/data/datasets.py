@@ -10,6 +10,7 @@ Normalisation constants are those of the official DC/DSA/DM code (``VICO-UoE/Dat
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DDKitWarning
 from ..registry import DATASETS
 from . import formats
 from .preprocess import DEFAULT_ZCA_EPS, Preprocess
@@ -310,10 +311,13 @@ def load_imagefolder_raw(root: Path | None, *, image_size: int | None = None) ->
     if image_size is not None:
         target = (image_size, image_size)
     else:
-        hw = np.array([a.shape[1:] for a in train_arr])
-        target = (int(np.median(hw[:, 0])), int(np.median(hw[:, 1])))
-        info["resized"] = f"{len(sizes)} different image sizes; all resized to the median training size " \
-                          f"{target[0]}x{target[1]} (pass image_size to choose)"
+        # one square side, so that every model (and the set's own evaluation) sees one shape: the median over the
+        # training images of sqrt(h * w), the side of a square with the image's pixel count
+        hw = np.array([a.shape[1:] for a in train_arr], dtype=np.float64)
+        side = max(1, int(round(float(np.median(np.sqrt(hw[:, 0] * hw[:, 1]))))))
+        target = (side, side)
+        info["resized"] = f"{len(sizes)} different image sizes; all resized to {side}x{side}, the median training " \
+                          f"image's side sqrt(h*w) (set data.image_size to choose)"
     return RawSplits(_resize_each(train_arr, target), train_y, _resize_each(test_arr, target), test_y, classes,
                      info)
 
@@ -353,6 +357,9 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 # --------------------------------------------------------------------------------------------------------------
 def _resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path | None:
     if not spec.needs_root:
+        if root is not None:
+            warnings.warn(f"dataset {spec.name!r} ships with its library and reads no files: --data-root {root} is "
+                          f"ignored", DDKitWarning, stacklevel=3)
         return None
     if root is None:
         raise DataError(f"dataset {spec.name!r} is read from local files: pass --data-root (root=...) pointing at "

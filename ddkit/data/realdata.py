@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .preprocess import Preprocess
 
 
@@ -29,6 +29,11 @@ class RealData:
 
     def __post_init__(self) -> None:
         self._class_index: list[Tensor] | None = None
+        if self.num_classes < 2:
+            raise DataError(f"{self.name!r} has {self.num_classes} class; distillation and evaluation need at least 2 "
+                            f"classes (a classifier of one class learns nothing)")
+        if len(self.class_names) != self.num_classes:
+            raise DataError(f"{self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes")
 
     @property
     def channels(self) -> int:

@@ -29,8 +29,14 @@ def distill(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    run_record: dict | None = None,
 ):
-    """Run ``iterations`` steps of ``distiller`` on ``syn`` (modified in place and returned)."""
+    """Run ``iterations`` steps of ``distiller`` on ``syn`` (modified in place and returned).
+
+    ``run_record`` (the run's resolved settings, :mod:`ddkit.engine.runfolder`) is stored in every checkpoint;
+    comparing it with a resumed run's settings is the caller's job (``ddkit.api.distill`` does it before setup).
+    After every step the synthetic tensors are checked finite, so the last step cannot leave a NaN set behind.
+    """
     device = distiller.device
     syn.to(device)
     real = real.to(device)
@@ -63,15 +69,25 @@ def distill(
                 f"{distiller.name}: {bad[0]} became {metrics[bad[0]]} at iteration {it}{where}; "
                 f"lower the image learning rate (e.g. --set method.lr_img=...)"
             )
+        nonfinite = syn.nonfinite()
+        if nonfinite:
+            where = f"; the last good checkpoint (iteration {last_good}) is kept in {checkpoint_dir}" \
+                if checkpoint_dir and (Path(checkpoint_dir) / CHECKPOINT_FILE).exists() else ""
+            raise DivergenceError(
+                f"{distiller.name}: the synthetic {nonfinite[0]} became non-finite (NaN/Inf) at iteration {it}"
+                f"{where}; lower the image learning rate (e.g. --set method.lr_img=...)"
+            )
         run.iteration, run.metrics, run.elapsed = it, metrics, time.perf_counter() - t0
         for cb in callbacks:
             cb.on_iteration_end(run)
         if checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator)
+            save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator,
+                            run_record=run_record)
             last_good = it
     run.elapsed = time.perf_counter() - t0
     for cb in callbacks:
         cb.on_end(run)
     if checkpoint_dir is not None and iterations > start_it:
-        save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator)
+        save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator,
+                        run_record=run_record)
     return syn

@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,6 +17,9 @@ from torch import Tensor
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
+from ..errors import DataError
+from ..validate import check_protocol as check_protocol_values
+from .compat import check_set_matches
 from ..functional.compiled import forward_of, resolve_compile, train_chunk
 from ..models import create_model
 from .report import Report, Row
@@ -125,14 +128,28 @@ def evaluate_tensors(
     ipc: int = 0,
     device: str | torch.device = "cpu",
     on_row: Callable[[Row], None] | None = None,
+    done: Sequence[Row] = (),
 ) -> Report:
-    """Evaluate any image/label tensors (a synthetic set, a coreset, or the whole training set)."""
+    """Evaluate any image/label tensors (a synthetic set, a coreset, or the whole training set).
+
+    ``done`` holds rows of an interrupted evaluation (``ddkit evaluate --resume``): their (model, run) pairs are
+    reported as they are and not trained again.
+    """
+    check_protocol_values(protocol)  # validate.py: runs, epochs, lr, batch size, models (same rules as the CLI)
+    if len(labels) != len(images):
+        raise DataError(f"{len(images)} images but {len(labels)} labels to evaluate")
+    if len(labels) and not labels.is_floating_point() and int(labels.max()) >= real.num_classes:
+        raise DataError(f"labels reach class {int(labels.max())} but {real.name!r} has {real.num_classes} classes")
     device = torch.device(device)
     report = Report(protocol=protocol.to_json())
     use_lr = protocol.lr if lr is None else lr
     report.protocol["lr_used"] = use_lr
+    finished = {(r.model, int(r.run)): r for r in done}
     for model_name in protocol.models:
         for run in range(protocol.runs):
+            if (model_name, run) in finished:
+                report.add(finished[(model_name, run)])
+                continue
             gen = make_generator(seed, "eval", model_name, run)
             start = time.perf_counter()
             acc = train_and_test(model_name, images, labels, real, protocol, gen, use_lr, device)
@@ -144,12 +161,15 @@ def evaluate_tensors(
 
 
 def evaluate(syn, real: RealData, protocol: EvalProtocol | None = None, *, seed: int = 0,
-             device: str | torch.device = "cpu", on_row: Callable[[Row], None] | None = None) -> Report:
+             device: str | torch.device = "cpu", on_row: Callable[[Row], None] | None = None,
+             done: Sequence[Row] = ()) -> Report:
     """Evaluate a :class:`~ddkit.synthetic.SyntheticSet` under ``protocol`` (default: the field's protocol).
 
     The set's preprocessing must match the real data's (same normalisation / same ZCA), which
-    :func:`ddkit.api.load_real_for` guarantees when the set is loaded from disk.
+    :func:`ddkit.api.load_real_for` guarantees when the set is loaded from disk; a set made from other data
+    (another dataset, class count, class names, image shape or encoding) is refused before any training.
     """
+    check_set_matches(syn, real)
     protocol = protocol or EvalProtocol()
     lr = syn.learned_lr if (protocol.use_learned_lr and syn.learned_lr is not None) else protocol.lr
     return evaluate_tensors(
@@ -163,4 +183,5 @@ def evaluate(syn, real: RealData, protocol: EvalProtocol | None = None, *, seed:
         ipc=syn.ipc,
         device=device,
         on_row=on_row,
+        done=done,
     )
