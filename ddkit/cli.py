@@ -35,11 +35,16 @@ def _add_distill(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="train fresh models on a synthetic set and test them on real data")
     p.add_argument("path", nargs="?", help="a run folder or synset.safetensors")
-    p.add_argument("--models", default="convnet", help="comma-separated model names")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--lr", type=float, help="fixed lr (default 0.01, or the set's learned lr)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--protocol", default="field",
+                   help="evaluation recipe: field (default: SGD, 1000 epochs) or frepo (FRePo's eval.py: Adam, "
+                        "squared error on centred labels, warm-up then cosine, steps by the number of images); "
+                        "the flags below override the protocol's values")
+    p.add_argument("--models", help="comma-separated model names (default convnet; frepo: convnet_nn)")
+    p.add_argument("--runs", type=int, help="models per architecture (default 5)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 1000; replaces frepo's step budget)")
+    p.add_argument("--steps", type=int, help="optimiser steps instead of epochs (frepo: by the number of images)")
+    p.add_argument("--lr", type=float, help="fixed lr (default 0.01, or the set's learned lr; frepo 3e-4)")
+    p.add_argument("--batch-size", type=int, help="batch size (default 256; frepo 500)")
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the training forward (auto: long CPU evaluations only)")
@@ -149,12 +154,18 @@ def cmd_evaluate(args) -> int:
     from .models import MODELS
     from .synthetic import SyntheticSet
 
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    for m in models:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    for m in models or ():
         MODELS.get(m)  # unknown names fail before any work
-    protocol = EvalProtocol(models=models, runs=args.runs, epochs=args.epochs, lr=args.lr or 0.01,
-                            use_learned_lr=args.lr is None, batch_size=args.batch_size, dsa=not args.no_dsa,
-                            compile=args.compile)
+    # a named protocol (evaluation/protocol.py PROTOCOLS); flags left unset keep its values
+    protocol = EvalProtocol.named(args.protocol, models=models, runs=args.runs, epochs=args.epochs, steps=args.steps,
+                                  lr=args.lr, batch_size=args.batch_size, compile=args.compile)
+    if args.epochs is not None and args.steps is None:
+        protocol.steps = None  # explicit --epochs replace a step budget (frepo's)
+    if args.lr is not None:
+        protocol.use_learned_lr = False
+    if args.no_dsa:
+        protocol.dsa = False
     device = resolve_device(args.device)
     check_protocol_values(protocol)  # --runs, --epochs, --lr, --batch-size, --models (validate.py)
     if args.json:

@@ -3,13 +3,30 @@
 Defaults follow ``evaluate_synset`` of the DC/DSA/DM/MTT code (anchors.md §2.13): SGD momentum 0.9, weight decay
 5e-4, lr 0.01 (or the set's learned lr), x0.1 at half, batch 256, 1000 epochs, DSA during training.
 The final model is reported; nothing is selected on the test set.
+
+Named protocols (:data:`PROTOCOLS`, ``EvalProtocol.named(name)``, ``ddkit evaluate --protocol NAME``):
+
+- ``field`` (the default): the recipe above.
+- ``frepo``: FRePo's ``script/eval.py`` (``yongchao97/FRePo``, anchors.md §2.10): Adam lr 3e-4 (its
+  ``weight_decay=0.0003`` argument reaches only the ``adamw``/``lamb`` branches of ``create_train_state``, so
+  with the default ``optimizer='adam'`` no weight decay is applied), squared-error loss on centred one-hot
+  targets (``1 - 1/C`` / ``-1/C``; a set's learned regression labels as they are), linear warm-up over 500 steps
+  then cosine decay to 0.01x, a number of optimiser steps set by the number of images (:func:`frepo_steps`),
+  batches of ``min(N, 500)``, augmentation on every batch, and the ConvNet without normalisation
+  (``eval.py`` turns ``normalization=batch`` into ``identity``).  Differences: ddkit's ConvNet-3 (constant
+  width 128) stands in for FRePo's ``Conv`` (widths 128/256/512), DSA's ops (one family per batch, per-image
+  values) for FRePo's augmax chain (one of color/crop/rotate/translate/cutout per batch, per-image values), and
+  batches are reshuffled each epoch (``eval.py`` repeats the set in a fixed order; the same for N <= 500).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +34,7 @@ from torch import Tensor
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..validate import check_protocol as check_protocol_values
 from .compat import check_set_matches
 from ..functional.compiled import forward_of, resolve_compile, train_chunk
@@ -44,11 +61,117 @@ class EvalProtocol:
     #: COMPILE_MIN_PIXEL_STEPS per model, where the ~20 s compile pays off), "on" or "off"
     compile: str = "auto"
     model_overrides: dict = field(default_factory=dict)
+    #: "sgd" (the field: ``momentum``, ``weight_decay``) or "adam" (FRePo; ``weight_decay`` as torch's L2 term)
+    optimizer: str = "sgd"
+    #: "half" (lr x0.1 once at half of the epochs) or "warmup_cosine" (linear from 0 over ``warmup_steps``, then
+    #: cosine to ``final_lr_ratio`` x lr at the last step: optax join_schedules(linear, cosine_decay))
+    schedule: str = "half"
+    warmup_steps: int = 500
+    final_lr_ratio: float = 0.01
+    #: a number of optimiser steps instead of ``epochs``, or "frepo" (set by the number of images, frepo_steps)
+    steps: int | str | None = None
+    #: "labels": the set's labels (cross-entropy for hard ones, ``soft_label_loss`` for soft ones); "centred":
+    #: squared-error regression on centred one-hot targets (FRePo).  Sets whose labels are regression targets
+    #: (``meta["label_kind"] == "regression"``: FRePo's learned labels) are always trained with ``half_sse``.
+    targets: str = "labels"
+    #: the protocol's name, recorded in reports
+    name: str = "field"
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["models"] = list(self.models)
         return d
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> "EvalProtocol":
+        """The named protocol (:data:`PROTOCOLS`) with ``overrides`` applied; ``None`` values are ignored, so
+        unset command-line flags keep the protocol's own defaults."""
+        if name not in PROTOCOLS:
+            raise ConfigError(f"unknown evaluation protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in overrides if k not in fields)
+        if unknown:
+            raise ConfigError(f"EvalProtocol has no field {', '.join(map(repr, unknown))}; "
+                              f"valid: {', '.join(sorted(fields))}")
+        return dataclasses.replace(PROTOCOLS[name](), **{k: v for k, v in overrides.items() if v is not None})
+
+
+def frepo_protocol() -> EvalProtocol:
+    """FRePo's ``script/eval.py`` defaults (see the module docstring)."""
+    return EvalProtocol(
+        name="frepo",
+        models=("convnet_nn",),  # normalization 'batch' -> 'identity' at evaluation
+        runs=5,  # --num_eval=5
+        lr=3e-4,  # learning_rate=0.0003
+        use_learned_lr=False,
+        weight_decay=0.0,  # optax.adam ignores config.online.weight_decay
+        optimizer="adam",
+        schedule="warmup_cosine",  # warmup_steps = 500; cosine_decay_schedule(alpha=0.01)
+        warmup_steps=500,
+        final_lr_ratio=0.01,
+        steps="frepo",  # step_per_prototpyes[num_prototypes]
+        batch_size=500,  # ds_proto.batch(min(y_proto.shape[0], 500))
+        targets="centred",  # y_transform: on_value 1 - 1/C, off_value -1/C; loss='mse'
+        soft_label_loss="half_sse",  # mean_squared_loss: 0.5 * sum over classes
+    )
+
+
+#: Named evaluation protocols: name -> factory of a fresh :class:`EvalProtocol`.
+PROTOCOLS: dict[str, Callable[[], EvalProtocol]] = {"field": EvalProtocol, "frepo": frepo_protocol}
+
+#: FRePo eval.py's "rough estimate of number of steps to train on distilled data", by total images.
+FREPO_STEPS: dict[int, int] = {10: 1000, 100: 2000, 200: 20000, 400: 5000, 500: 5000, 1000: 10000, 2000: 40000,
+                               5000: 40000}
+
+
+def frepo_steps(num_images: int) -> int:
+    """Optimiser steps for ``num_images`` synthetic images: FRePo's table where it has the count (its ``KeyError``
+    otherwise); ddkit extends it with the entry of the next larger count listed (40000 beyond 5000)."""
+    if num_images in FREPO_STEPS:
+        return FREPO_STEPS[num_images]
+    larger = [k for k in sorted(FREPO_STEPS) if k >= num_images]
+    return FREPO_STEPS[larger[0]] if larger else FREPO_STEPS[max(FREPO_STEPS)]
+
+
+def warmup_cosine(step: int, *, lr: float, warmup: int, total: int, final_ratio: float) -> float:
+    """optax ``join_schedules([linear_schedule(0, lr, warmup), cosine_decay_schedule(lr, total - warmup,
+    alpha=final_ratio)], [warmup])`` at the 0-based optimiser ``step``."""
+    if step < warmup:
+        return lr * step / warmup
+    decay = max(total - warmup, 1)
+    t = min(step - warmup, decay)
+    return lr * ((1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t / decay)) + final_ratio)
+
+
+def check_protocol(protocol: EvalProtocol) -> None:
+    """One-line errors for impossible settings, before any training."""
+    choices = {"optimizer": ("sgd", "adam"), "schedule": ("half", "warmup_cosine"), "targets": ("labels", "centred")}
+    for key, allowed in choices.items():
+        if getattr(protocol, key) not in allowed:
+            raise ConfigError(f"EvalProtocol.{key} must be one of {', '.join(allowed)}, got {getattr(protocol, key)!r}")
+    steps = protocol.steps
+    if not (steps is None or steps == "frepo" or (isinstance(steps, int) and not isinstance(steps, bool) and steps > 0)):
+        raise ConfigError(f"EvalProtocol.steps must be a positive number of steps, 'frepo' or None, got {steps!r}")
+    if protocol.warmup_steps < 0 or not 0.0 <= protocol.final_lr_ratio <= 1.0:
+        raise ConfigError(f"EvalProtocol: warmup_steps must be >= 0 and final_lr_ratio in [0, 1], got "
+                          f"{protocol.warmup_steps}, {protocol.final_lr_ratio}")
+
+
+def training_length(protocol: EvalProtocol, num_images: int) -> tuple[int, int | None, int]:
+    """``(epochs, max_steps, total_steps)``: epochs to run, the step limit (None: whole epochs) and the number of
+    optimiser steps the schedule spans."""
+    batches = max(1, math.ceil(num_images / protocol.batch_size))
+    if protocol.steps is None:
+        return protocol.epochs, None, protocol.epochs * batches
+    steps = frepo_steps(num_images) if protocol.steps == "frepo" else int(protocol.steps)
+    return math.ceil(steps / batches), steps, steps
+
+
+def regression_targets(labels: Tensor, num_classes: int) -> Tensor:
+    """Centred one-hot targets of hard or soft labels (``ddkit.functional.krr.centered_one_hot``)."""
+    from ..functional.krr import centered_one_hot
+
+    return centered_one_hot(labels, num_classes).to(torch.float32)
 
 
 #: "auto" compiles when one model's training touches at least this many pixels (epochs x images x H x W):
@@ -90,7 +213,8 @@ def train_and_test(
     if protocol.channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    pixel_steps = protocol.epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
+    epochs, max_steps, total_steps = training_length(protocol, images.shape[0])
+    pixel_steps = epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
     compiled = resolve_compile(protocol.compile, device, images.dtype, pixel_steps >= COMPILE_MIN_PIXEL_STEPS)
     # CPU: cache-sized chunks of each batch (the same SGD step for models without batch norm; forward_of)
     forward = forward_of(model, compiled, train_chunk(tuple(images.shape), device, compiled))
@@ -98,11 +222,17 @@ def train_and_test(
     if protocol.dsa:
         aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))
         augment = None if aug.is_identity else aug
+    optimizer = lr_at = None  # the field's recipe: train_model's SGD with the decay at half
+    if protocol.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=protocol.weight_decay)
+    if protocol.schedule == "warmup_cosine":
+        lr_at = functools.partial(warmup_cosine, lr=lr, warmup=protocol.warmup_steps, total=total_steps,
+                                  final_ratio=protocol.final_lr_ratio)
     train_model(
         model,
         images.to(device),
         labels.to(device),
-        epochs=protocol.epochs,
+        epochs=epochs,
         lr=lr,
         generator=generator,
         momentum=protocol.momentum,
@@ -110,7 +240,10 @@ def train_and_test(
         batch_size=protocol.batch_size,
         augment=augment,
         soft_loss=protocol.soft_label_loss,
+        optimizer=optimizer,
         forward=forward,
+        lr_at=lr_at,
+        max_steps=max_steps,
     )
     # the test pass stays eager: its eval-mode graph and its last short batch would cost two more compiles
     return accuracy(model, real.test_images.to(device), real.test_labels.to(device))
@@ -128,18 +261,30 @@ def evaluate_tensors(
     ipc: int = 0,
     device: str | torch.device = "cpu",
     on_row: Callable[[Row], None] | None = None,
+    label_kind: str | None = None,
     done: Sequence[Row] = (),
 ) -> Report:
     """Evaluate any image/label tensors (a synthetic set, a coreset, or the whole training set).
 
     ``done`` holds rows of an interrupted evaluation (``ddkit evaluate --resume``): their (model, run) pairs are
     reported as they are and not trained again.
+
+    ``label_kind="regression"`` marks labels that are regression targets (FRePo's learned labels): they are
+    trained on as they are, with the squared-error loss ``half_sse``, under any protocol.
     """
+    check_protocol(protocol)
     check_protocol_values(protocol)  # validate.py: runs, epochs, lr, batch size, models (same rules as the CLI)
     if len(labels) != len(images):
         raise DataError(f"{len(images)} images but {len(labels)} labels to evaluate")
     if len(labels) and not labels.is_floating_point() and int(labels.max()) >= real.num_classes:
         raise DataError(f"labels reach class {int(labels.max())} but {real.name!r} has {real.num_classes} classes")
+    if label_kind == "regression":
+        if not labels.is_floating_point() or labels.dim() != 2:
+            raise ConfigError(f"regression labels must be [N, C] vectors, got {labels.dtype} {tuple(labels.shape)}")
+        protocol = dataclasses.replace(protocol, soft_label_loss="half_sse")
+    elif protocol.targets == "centred":
+        labels = regression_targets(labels, real.num_classes)
+        protocol = dataclasses.replace(protocol, soft_label_loss="half_sse")
     device = torch.device(device)
     report = Report(protocol=protocol.to_json())
     use_lr = protocol.lr if lr is None else lr
@@ -183,5 +328,6 @@ def evaluate(syn, real: RealData, protocol: EvalProtocol | None = None, *, seed:
         ipc=syn.ipc,
         device=device,
         on_row=on_row,
+        label_kind=syn.meta.get("label_kind"),
         done=done,
     )

@@ -13,16 +13,20 @@ from torch import Tensor, nn
 
 
 def soft_label_loss(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """Loss for soft targets ``[N,K]``: soft cross-entropy (default), KL, or MSE on the targets."""
+    """Loss for soft targets ``[N,K]``: soft cross-entropy (default), KL, MSE on the targets, or ``half_sse``: half
+    the squared error summed over classes and averaged over images, for regression targets (FRePo's and KIP's
+    centred one-hot labels; FRePo ``mean_squared_loss``)."""
     if kind in ("soft_ce", "sce"):
         return lambda logits, target: -(target * F.log_softmax(logits, 1)).sum(1).mean()
     if kind == "kl":
         return lambda logits, target: F.kl_div(F.log_softmax(logits, 1), target.clamp_min(1e-12), reduction="batchmean")
     if kind == "mse":
         return lambda logits, target: F.mse_loss(logits, target)
+    if kind == "half_sse":
+        return lambda logits, target: 0.5 * (logits - target).pow(2).sum(1).mean()
     from ..errors import ConfigError
 
-    raise ConfigError(f"unknown soft-label loss {kind!r}; expected one of soft_ce, kl, mse")
+    raise ConfigError(f"unknown soft-label loss {kind!r}; expected one of soft_ce, kl, mse, half_sse")
 
 
 def classification_loss(labels: Tensor, soft_kind: str = "soft_ce") -> Callable[[Tensor, Tensor], Tensor]:
@@ -45,12 +49,17 @@ def train_model(
     soft_loss: str = "soft_ce",
     optimizer: torch.optim.Optimizer | None = None,
     forward: Callable[[Tensor], Tensor] | None = None,
+    lr_at: Callable[[int], float] | None = None,
+    max_steps: int | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with SGD on ``(images, labels)`` for ``epochs`` epochs.
 
     Defaults are the field's protocol (DC/DSA/DM/MTT ``evaluate_synset``): SGD momentum 0.9, weight decay 5e-4,
     batch 256, lr x0.1 once at half of the epochs, augmentation on every batch.  ``forward`` computes the logits
     in place of ``model`` (e.g. its compiled forward, :func:`ddkit.functional.compiled.forward_of`).
+    Step-based recipes (FRePo's evaluation: warm-up then cosine, a fixed number of optimiser steps) pass
+    ``lr_at(step)``, the learning rate of the 0-based optimiser step (it replaces the decay at half), and
+    ``max_steps``, after which training stops.
     """
     forward = model if forward is None else forward
     images = images.detach()
@@ -61,12 +70,19 @@ def train_model(
     model.train()
     n = images.shape[0]
     half = epochs // 2
+    step = 0
     for epoch in range(epochs):
-        if decay_at_half and epoch == half and epochs > 1:
+        if lr_at is None and decay_at_half and epoch == half and epochs > 1:
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.1
         order = torch.randperm(n, generator=generator).to(images.device) if n > batch_size else None
         for start in range(0, n, batch_size):
+            if max_steps is not None and step >= max_steps:
+                return model
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+            step += 1
             if order is None:
                 xb, yb = images, labels
             else:
