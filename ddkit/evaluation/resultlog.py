@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 from ..io import append_line
 from .report import Row
 
@@ -72,7 +72,10 @@ class ResultLog:
                     done[(row.model, int(row.run))] = row
         else:
             self.session = secrets.token_hex(6)
-            append_line(self.path, json.dumps({"session": self.session, "key": self.key, "begin": describe or {}}))
+            try:
+                append_line(self.path, json.dumps({"session": self.session, "key": self.key, "begin": describe or {}}))
+            except ArtifactError as exc:  # e.g. a set in a read-only folder: the log can live elsewhere
+                raise ArtifactError(f"{exc}; pass --log FILE to keep the evaluation log elsewhere") from None
         self.rows = list(done.values())
         return self.rows
 
