@@ -49,4 +49,8 @@ BUDGETS: dict[str, MethodBudget] = {
     "frepo": MethodBudget(iterations=30, options={"batch_real": 128, "lr_img": 0.03},
                           quick_options={"model": "convnet_w32", "num_models": 3, "max_online_updates": 2,
                                          "batch_real": 64}),
+    # DD: an MLP inner network (LeNet on 8x8 digits learns too slowly for seconds), starting from the random real
+    # images it must beat (the official noise start needs hundreds of iterations: tests/test_dd.py shows that)
+    "dd": MethodBudget(iterations=100, options={"model": "mlp", "init": "real", "batch_real": 256},
+                       quick_options={"distill_epochs": 1}),
 }
