@@ -29,7 +29,25 @@ def _add_distill(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in --out (same settings; a larger --iterations extends the run)")
     p.add_argument("--overwrite", action="store_true", help="discard the run already in --out and start afresh")
+    p.add_argument("--experts", metavar="DIR", help="expert store for mtt/ftd/ddpp (made by `ddkit experts`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_experts(sub) -> None:
+    p = sub.add_parser("experts", help="train expert trajectories (for --method mtt|ftd|ddpp --experts DIR)")
+    p.add_argument("--dataset", required=True, help="dataset name (ddkit list datasets)")
+    p.add_argument("--num-experts", type=int, required=True, help="experts the store should hold")
+    p.add_argument("--epochs", type=int, help="epochs per expert (default 50, as buffer.py)")
+    p.add_argument("--out", required=True, help="the store folder (created, resumed or extended)")
+    p.add_argument("--data-root", help="folder with the dataset files (torchvision layout)")
+    p.add_argument("--model", help="model name (default convnet)")
+    p.add_argument("--optimizer", choices=["sgd", "gsam"], help="sgd (MTT) or gsam (FTD's flat experts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="data.zca=true, data.zca_eps=..., expert.lr=..., expert.rho=..., expert.alpha=...")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted store (expert by expert)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
 
 
 def _add_evaluate(sub) -> None:
@@ -66,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "datasets", "models"])
     _add_distill(sub)
     _add_evaluate(sub)
+    _add_experts(sub)
     p = sub.add_parser("show", help="write an image grid of a synthetic set")
     p.add_argument("path")
     p.add_argument("--out", required=True)
@@ -126,6 +145,12 @@ def resolve_run_config(args):
     for key, val in cli_sets:
         if key != "method":
             apply_setting(cfg, key, val, method_cls)
+    if getattr(args, "experts", None):
+        import dataclasses
+
+        if "experts" not in {f.name for f in dataclasses.fields(method_cls)}:
+            raise ConfigError(f"--experts is for trajectory-matching methods (mtt, ftd, ddpp), not {cfg.method!r}")
+        cfg.method_config["experts"] = args.experts
     if args.no_progress:
         cfg.engine.progress = False
     return cfg
@@ -211,6 +236,12 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_experts(args) -> int:
+    from .experts.command import run
+
+    return run(args)
+
+
 def cmd_show(args) -> int:
     from .synthetic import SyntheticSet, save_grid
 
@@ -229,9 +260,9 @@ def cmd_export(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "show": cmd_show,
-                "export": cmd_export}
-    if args.command in ("distill", "evaluate"):
+    handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts,
+                "show": cmd_show, "export": cmd_export}
+    if args.command in ("distill", "evaluate", "experts"):
         from .engine.allocator import keep_freed_memory
 
         keep_freed_memory()  # long training loops: reuse freed activations instead of re-faulting them (allocator.py)
