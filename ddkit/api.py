@@ -71,9 +71,14 @@ def distill(
     overwrite: bool = False,
     callbacks: Sequence[Any] = (),
     checkpoint_every: int = 100,
+    speed: str = "auto",
     **options: Any,
 ) -> SyntheticSet:
     """Distill ``real`` into ``ipc`` images per class with ``method``; ``options`` are method config fields.
+
+    ``speed``: the speed layer's setting (:mod:`ddkit.accel`): "auto" (measured levers of the device: on CPU the
+    patch-statistics first stage, compilation of long runs, cache-sized chunks; plain modules elsewhere) or
+    "plain" (the official computation everywhere; the same result up to float rounding).
 
     With ``out_dir`` the run keeps checkpoints there under the run-folder rules (:mod:`ddkit.engine.runfolder`):
     the folder is locked while the run lasts, a folder holding another run needs ``resume=True`` (same settings,
@@ -86,12 +91,14 @@ def distill(
     dev = resolve_device(device)
     cfg = method_config(method, real.name, ipc, options)
     if out_dir is None:
-        return _distill(real, method, cfg, ipc, iterations, seed, dev, None, False, callbacks, checkpoint_every)
+        return _distill(real, method, cfg, ipc, iterations, seed, dev, None, False, callbacks, checkpoint_every,
+                        speed=speed)
     folder = RunFolder(out_dir)
     folder.check_start(resume=resume, overwrite=overwrite)
     with folder.lock():
         folder.check_start(resume=resume, overwrite=overwrite)  # again, now that no other process can interfere
-        return _distill(real, method, cfg, ipc, iterations, seed, dev, folder, resume, callbacks, checkpoint_every)
+        return _distill(real, method, cfg, ipc, iterations, seed, dev, folder, resume, callbacks, checkpoint_every,
+                        speed=speed)
 
 
 class ClearRunFolder(Callback):
@@ -108,10 +115,11 @@ class ClearRunFolder(Callback):
 def _distill(real: RealData, method: str, cfg: Any, ipc: int, iterations: int | None, seed: int,
              dev: torch.device, folder: RunFolder | None, resume: bool, callbacks: Sequence[Any],
              checkpoint_every: int, data_options: dict[str, Any] | None = None,
-             info: dict[str, Any] | None = None) -> SyntheticSet:
+             info: dict[str, Any] | None = None, speed: str = "auto") -> SyntheticSet:
     """The run itself; with a ``folder`` the caller holds its lock and has checked that it may be used."""
-    distiller = create_distiller(method, cfg, device=dev)
     iters = cfg.iterations if iterations is None else iterations
+    cfg.iterations = iters  # the method's config states the run's length (its schedules and the speed layer read it)
+    distiller = create_distiller(method, cfg, device=dev, speed=speed)
     record = None
     if folder is not None:
         record = run_record(method=method, method_config=cfg, ipc=ipc, seed=seed, iterations=iters, real=real,
@@ -177,7 +185,7 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     with folder.lock():
         folder.check_start(resume=resume, overwrite=overwrite)
         syn = _distill(real, cfg.method, mcfg, cfg.ipc, cfg.iterations, cfg.seed, dev, folder, resume, callbacks,
-                       cfg.engine.checkpoint_every, data_options, info)
+                       cfg.engine.checkpoint_every, data_options, info, speed=cfg.speed)
         syn.meta["data"] = dataclasses.asdict(cfg.data)
         for key in ("resized", "resized_to"):  # an image folder's resize is part of what the set was made from
             if key in real.info:

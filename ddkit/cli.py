@@ -64,8 +64,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--lr", type=float, help="fixed lr (default 0.01, or the set's learned lr; frepo 3e-4)")
     p.add_argument("--batch-size", type=int, help="batch size (default 256; frepo 500)")
     p.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the training forward (auto: long CPU evaluations only)")
+    p.add_argument("--speed", default="auto", choices=["auto", "plain"],
+                   help="the speed layer: auto (the device's measured levers) or plain (the official modules)")
     p.add_argument("--data-root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -184,7 +184,7 @@ def cmd_evaluate(args) -> int:
         MODELS.get(m)  # unknown names fail before any work
     # a named protocol (evaluation/protocol.py PROTOCOLS); flags left unset keep its values
     protocol = EvalProtocol.named(args.protocol, models=models, runs=args.runs, epochs=args.epochs, steps=args.steps,
-                                  lr=args.lr, batch_size=args.batch_size, compile=args.compile)
+                                  lr=args.lr, batch_size=args.batch_size, speed=args.speed)
     if args.epochs is not None and args.steps is None:
         protocol.steps = None  # explicit --epochs replace a step budget (frepo's)
     if args.lr is not None:
@@ -262,11 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts,
                 "show": cmd_show, "export": cmd_export}
-    if args.command in ("distill", "evaluate", "experts"):
-        from .engine.allocator import keep_freed_memory
-
-        keep_freed_memory()  # long training loops: reuse freed activations instead of re-faulting them (allocator.py)
     return run_command(args.command, lambda: handlers[args.command](args))
+
+
+def console_main() -> int:
+    """The ``ddkit`` console entry point: process settings first, then :func:`main`.
+
+    Keeping freed memory in the process (:func:`ddkit.accel.keep_freed_memory`) is a process-wide change, so it
+    happens here, where ddkit owns the process, and never in :func:`main`, which tests and users call in their own
+    processes.  Long training loops reuse freed activations instead of re-faulting them (accel/allocator.py).
+    """
+    from .accel import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
 
 
 def run_command(command: str, handler) -> int:

@@ -43,6 +43,8 @@ class RunConfig:
     seed: int = 0
     iterations: int | None = None  # None: the method's default budget
     device: str = "auto"
+    #: the speed layer (ddkit.accel): "auto" (the device's measured levers) or "plain" (the official computation)
+    speed: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     method_config: dict[str, Any] = field(default_factory=dict)  # 'method.<field>' overrides
@@ -136,7 +138,12 @@ def apply_setting(cfg: RunConfig, key: str, value: Any, method_config_cls: type 
         target = getattr(cfg, section)
     else:
         name, target = key, cfg
-    setattr(target, name, check_run_value(key, coerce(value, _type_hints(type(target))[name], key)))
+    value = check_run_value(key, coerce(value, _type_hints(type(target))[name], key))
+    if key == "speed":
+        from .accel import check_speed  # noqa: PLC0415 - config stays importable without torch's compile stack
+
+        value = check_speed(value)
+    setattr(target, name, value)
 
 
 def parse_set(items: list[str]) -> list[tuple[str, str]]:

@@ -6,7 +6,7 @@ import pytest
 
 CHECK = (
     "import resource, torch\n"
-    "from ddkit.engine import keep_freed_memory\n"
+    "from ddkit.accel import keep_freed_memory\n"
     "on = keep_freed_memory()\n"
     "faults = []\n"
     "for _ in range(6):\n"  # allocate, touch and free a 64 MB block six times
@@ -34,3 +34,25 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_refaulting_them():
     # a fresh 64 MB block faults in 16,384 pages every time by default; a reused heap block almost none
     assert default > 10_000
     assert kept < default / 10
+
+
+def test_only_the_console_entry_point_changes_the_process(monkeypatch):
+    """``main()`` (what tests and users call in their own processes) leaves the allocator alone; the ``ddkit``
+    console command sets it before running ``main``."""
+    import ddkit.accel
+    from ddkit import cli
+
+    calls = []
+    monkeypatch.setattr(ddkit.accel, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert cli.main(["list", "methods"]) == 0
+    assert calls == []
+    monkeypatch.setattr(sys, "argv", ["ddkit", "list", "methods"])
+    assert cli.console_main() == 0
+    assert calls == [1]
+
+
+def test_importing_ddkit_registers_no_custom_op():
+    code = ("import torch, ddkit, ddkit.accel.patchnorm\n"
+            "print(hasattr(torch.ops.ddkit, 'materialize'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ddkit.api import real_from_tensors
 from ddkit.engine import Callback, distill, make_generator
 from ddkit.methods import create_distiller
+from ddkit.accel import SpeedLayer
 from ddkit.methods.cafe import CAFEConfig, CAFEDistiller, _window_done, feature_taps, weighted_taps
 from ddkit.models import create_model
 from ddkit.synthetic import SyntheticSet
@@ -67,7 +68,7 @@ def test_image_lr_schedule_matches_official_milestones(digits):
 def test_loss_terms_match_a_direct_computation(digits):
     """The image loss equals the official composition written out for one class-major batch."""
     torch.manual_seed(0)
-    cfg = CAFEConfig(model="convnet_w32", batch_real=20, real_chunk=50)
+    cfg = CAFEConfig(model="convnet_w32", batch_real=20)
     syn = SyntheticSet.from_real(digits, 2, make_generator(0), init="real").to(torch.float64)
     d = CAFEDistiller(cfg)
     d.setup(digits, syn, make_generator(0))
@@ -160,7 +161,8 @@ def test_compiled_reading_equals_the_eager_one_and_follows_the_network(digits):
     syn = SyntheticSet.from_real(digits, 1, make_generator(0), init="noise")
     readers = {}
     for mode in ("on", "off"):
-        d = CAFEDistiller(CAFEConfig(**{**FAST, "watch_per_class": 40}, compile=mode))
+        d = CAFEDistiller(CAFEConfig(**{**FAST, "watch_per_class": 40}))
+        d.speed = SpeedLayer("auto", "cpu", compile=mode == "on")
         d.setup(digits, syn, make_generator(0, "setup"))
         readers[mode] = d
     assert readers["on"].reader.enabled and not readers["off"].reader.enabled

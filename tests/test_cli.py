@@ -82,7 +82,7 @@ def test_evaluate_full_dataset(tmp_path, capsys):
         (["evaluate", "--full", "--dataset", "digits", "--models", "convnet3"], "unknown model 'convnet3'"),
         (["distill", "--method", "random", "--out", "{tmp}/fresh", "--resume"], "no checkpoint"),
         # rejected by the method's setup, after the data has loaded
-        (["distill", "--method", "dc", "--set", "method.compile=fast", "--out", "X"], "compile must be one of"),
+        (["distill", "--method", "dc", "--set", "speed=fast", "--out", "X"], "speed must be one of"),
     ],
 )
 def test_bad_input_is_one_line(argv, pattern, tmp_path, capsys):

@@ -2,39 +2,43 @@
 import pytest
 import torch
 
-from ddkit.errors import ConfigError
-from ddkit.functional.compiled import (
+from ddkit.accel import SpeedLayer
+from ddkit.accel.compiled import (
+    COMPILE_MIN_PIXEL_STEPS,
     ChunkedForward,
     CompiledOrEager,
     cpu_chunk,
     even_chunk,
     forward_of,
-    resolve_compile,
     train_chunk,
 )
+from ddkit.errors import ConfigError
 from ddkit.models import create_model
 
 CPU = torch.device("cpu")
 
 
-def test_auto_compiles_only_long_float32_cpu_runs():
-    assert resolve_compile("auto", CPU, torch.float32, long_run=True)
-    assert not resolve_compile("auto", CPU, torch.float32, long_run=False)
-    assert not resolve_compile("auto", CPU, torch.float64, long_run=True)
-    assert not resolve_compile("auto", torch.device("meta"), torch.float32, long_run=True)
-    assert resolve_compile("ON", CPU, torch.float64, long_run=False)
-    assert not resolve_compile("off", CPU, torch.float32, long_run=True)
+def test_one_rule_compiles_only_long_float32_cpu_runs_under_auto():
+    auto = SpeedLayer("auto", CPU)
+    assert auto.levers and auto.compiles(COMPILE_MIN_PIXEL_STEPS)
+    assert not auto.compiles(COMPILE_MIN_PIXEL_STEPS - 1)
+    assert not auto.compiles(1e12, torch.float64)
+    assert not SpeedLayer("plain", CPU).compiles(1e12)
+    cuda = SpeedLayer("auto", torch.device("cuda"))  # no lever measured on CUDA yet: plain modules there
+    assert not cuda.levers and not cuda.compiles(1e12)
+    assert SpeedLayer("auto", CPU, compile=True).compiles(0, torch.float64)  # benchmarks/tests force it
+    assert not SpeedLayer("auto", CPU, compile=False).compiles(1e12)
 
 
-def test_unknown_mode_is_a_config_error():
-    with pytest.raises(ConfigError, match="auto, on, off"):
-        resolve_compile("fast", CPU, torch.float32, long_run=True)
+def test_unknown_speed_is_a_config_error():
+    with pytest.raises(ConfigError, match="auto, plain"):
+        SpeedLayer("fast", CPU)
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     def broken_compile(fn, **kwargs):
         def compiled(x):
-            raise RuntimeError("no C++ compiler")
+            raise torch._inductor.exc.InductorError(RuntimeError("no C++ compiler"), None)
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -45,14 +49,18 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch):
     assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))  # no second warning needed: eager from now on
 
 
-def test_dc_rejects_an_unknown_compile_mode(digits):
-    from ddkit.engine import make_generator
-    from ddkit.methods.dc import DCConfig, DCDistiller
-    from ddkit.synthetic import SyntheticSet
+def test_errors_of_the_computation_are_not_taken_for_compiler_failures(monkeypatch):
+    """An out-of-memory or shape error propagates (it would fail eagerly too); compilation stays on."""
+    def oom_compile(fn, **kwargs):
+        def compiled(x):
+            raise torch.OutOfMemoryError("CPU out of memory")
+        return compiled
 
-    syn = SyntheticSet.from_real(digits, 1, make_generator(0, "init"))
-    with pytest.raises(ConfigError, match="compile"):
-        DCDistiller(DCConfig(compile="fastest")).setup(digits, syn, make_generator(0))
+    monkeypatch.setattr(torch, "compile", oom_compile)
+    f = CompiledOrEager(lambda x: x * 2)
+    with pytest.raises(torch.OutOfMemoryError):
+        f(torch.ones(2))
+    assert f.enabled
 
 
 def test_chunk_sizes_split_batches_evenly_where_they_can():

@@ -12,7 +12,8 @@ from ddkit.data import get_dataset_spec
 from ddkit.engine import distill, make_generator
 from ddkit.errors import ConfigError
 from ddkit.evaluation import EvalProtocol, evaluate
-from ddkit.functional.compiled import forward_of
+from ddkit.accel import SpeedLayer
+from ddkit.accel.compiled import ChunkedForward
 from ddkit.methods import create_distiller
 from ddkit.methods.dc import (
     OFFICIAL_LOOPS,
@@ -23,7 +24,7 @@ from ddkit.methods.dc import (
     dc_loops,
     freeze_batchnorm,
 )
-from ddkit.methods.dm import sample_class_params, sample_per_class
+from ddkit.methods.common import sample_class_params, sample_per_class
 from ddkit.synthetic import SyntheticSet
 
 
@@ -47,6 +48,24 @@ def _official_match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor]
     if metric == "mse":
         return torch.sum((syn - real) ** 2)
     return 1 - torch.sum(real * syn, dim=-1) / (torch.norm(real, dim=-1) * torch.norm(syn, dim=-1) + 0.000001)
+
+
+class FixedSpeed(SpeedLayer):
+    """A CPU speed layer whose per-class gradient formulation, chunk and training forward are fixed by the test
+    (the real speed layer picks them by device and measurement)."""
+
+    def __init__(self, modes: tuple[str, str] | None = None, chunk: int | None = None) -> None:
+        super().__init__("auto", "cpu", compile=False)
+        self.modes, self.chunk = modes, chunk
+
+    def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
+        return self.modes or super().grad_modes(syn_per_class)
+
+    def grad_chunk(self, image_shape, compiled):
+        return self.chunk
+
+    def train_forward(self, net, image_shape, compiled):
+        return net if self.chunk is None else ChunkedForward(net, self.chunk)
 
 
 def _syn(real, ipc: int, seed: int = 0, init: str = "real", dtype=torch.float32) -> SyntheticSet:
@@ -83,9 +102,10 @@ def _official_matching_loss(d: DCDistiller, net, real, syn: SyntheticSet, genera
     ],
 )
 def test_matching_loss_and_image_gradient_equal_the_official_loop(digits, cls, mode, metric, chunk):
-    config = cls.Config(model="convnet_w32", batch_real=4, distance=metric, grad_mode=mode, real_chunk=chunk)
+    config = cls.Config(model="convnet_w32", batch_real=4, distance=metric)
     syn = _syn(digits, 2, dtype=torch.float64)
     d = cls(config)
+    d.speed = FixedSpeed(None if mode == "auto" else (mode, mode), chunk)
     d.setup(digits, syn, make_generator(0, "setup"))
     net = d.new_network(digits, make_generator(0, "net")).double()
     loss = d.matching_loss(net, digits, syn, make_generator(3, "draw"))
@@ -99,12 +119,13 @@ def test_matching_loss_and_image_gradient_equal_the_official_loop(digits, cls, m
 
 def test_real_side_through_the_module_forward_equals_the_official_loop(digits):
     """The compiled path's formulation (the module's own parameters, a chunked forward; run eagerly here)."""
-    config = DSAConfig(model="convnet_w32", batch_real=6, real_chunk=4)
+    config = DSAConfig(model="convnet_w32", batch_real=6)
     syn = _syn(digits, 2, dtype=torch.float64)
     d = DSADistiller(config)
+    d.speed = FixedSpeed(("loop", "batched"), 4)
     d.setup(digits, syn, make_generator(0, "setup"))
     net = d.new_network(digits, make_generator(0, "net")).double()
-    loss = d.matching_loss(net, digits, syn, make_generator(3, "draw"), real_forward=forward_of(net, False, 4))
+    loss = d.matching_loss(net, digits, syn, make_generator(3, "draw"), real_forward=ChunkedForward(net, 4))
     (grad,) = torch.autograd.grad(loss, syn.images)
     ref = _official_matching_loss(d, net, digits, syn, make_generator(3, "draw"), "ours")
     (ref_grad,) = torch.autograd.grad(ref, syn.images)
@@ -118,7 +139,8 @@ def test_batchnorm_network_frozen_statistics_batched_equals_loop(digits):
     syn = _syn(digits, 2, dtype=torch.float64)
     losses = []
     for mode in ("batched", "loop"):
-        d = DCDistiller(DCConfig(model="convnet_bn", batch_real=8, grad_mode=mode))
+        d = DCDistiller(DCConfig(model="convnet_bn", batch_real=8))
+        d.speed = FixedSpeed((mode, mode))
         d.setup(digits, syn, make_generator(0, "setup"))
         net = d.new_network(digits, make_generator(0, "net")).double().train()
         freeze_batchnorm(net, digits, 16, make_generator(1, "bn"), d.device)
@@ -137,7 +159,8 @@ def test_chunked_inner_training_takes_the_same_steps(digits):
     syn = _syn(digits, 3, dtype=torch.float64)
     nets = []
     for chunk in (4, 1000):
-        d = DSADistiller(DSAConfig(model="convnet_w32", inner_chunk=chunk))
+        d = DSADistiller(DSAConfig(model="convnet_w32"))
+        d.speed = FixedSpeed(chunk=chunk)
         d.setup(digits, syn, make_generator(0, "setup"))
         net = d.new_network(digits, make_generator(0, "net")).double()
         d.train_network(net, syn, 3, make_generator(1, "inner"))
@@ -176,8 +199,6 @@ def test_defaults_and_registration(digits):
     assert dsa.loops == (10, 50)
     dc.setup(digits, syn, make_generator(0, "setup"))
     assert dc.aug.is_identity
-    with pytest.raises(ConfigError, match="grad_mode"):
-        DCDistiller(DCConfig(grad_mode="fast")).setup(digits, syn, make_generator(0, "setup"))
     with pytest.raises(ConfigError, match="distance"):
         DCDistiller(DCConfig(distance="l2")).setup(digits, syn, make_generator(0, "setup"))
 

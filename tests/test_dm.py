@@ -8,6 +8,7 @@ import torch
 
 from ddkit.augment import DSA
 from ddkit.engine import distill, make_generator
+from ddkit.accel import SpeedLayer
 from ddkit.methods import create_distiller
 from ddkit.methods.dm import (
     DMConfig,
@@ -28,7 +29,7 @@ def _syn(real, ipc: int, seed: int = 0, init: str = "real", dtype=torch.float32)
 def _official_loss(distiller: DMDistiller, real, syn: SyntheticSet, generator: torch.Generator) -> torch.Tensor:
     """``main_DM.py``'s ConvNet branch, class by class, fed with the same draws as the distiller."""
     cfg = distiller.config
-    net = frozen_embedder(distiller, real, generator, syn.images.dtype, channels_last=False)
+    net = frozen_embedder(distiller, real, generator, syn.images.dtype)
     batch = sample_per_class(real, cfg.batch_real, generator, distiller.device)
     params = sample_class_params(distiller.aug, real.num_classes, generator, distiller.device)
     loss = torch.zeros((), dtype=syn.images.dtype)
@@ -47,7 +48,7 @@ def _official_loss(distiller: DMDistiller, real, syn: SyntheticSet, generator: t
 @pytest.mark.parametrize("strategy", ["color_crop_cutout_scale_rotate", "none"])
 def test_batched_loss_and_gradient_equal_the_per_class_loop(digits, strategy):
     """Instance norm: one batched forward (chunked real branch) == the official per-class forwards, float64."""
-    config = DMConfig(batch_real=40, dsa_strategy=strategy, real_chunk=48, channels_last=False)
+    config = DMConfig(batch_real=40, dsa_strategy=strategy)
     syn = _syn(digits, 3, dtype=torch.float64)
     ours = DMDistiller(config)
     ours.setup(digits, syn, make_generator(0, "setup"))
@@ -85,7 +86,7 @@ def test_per_class_step_gives_the_same_update(digits):
     images = []
     for per_class in (False, True):
         syn = _syn(digits, 2, dtype=torch.float64)
-        d = DMDistiller(DMConfig(batch_real=32, per_class_step=per_class, channels_last=False))
+        d = DMDistiller(DMConfig(batch_real=32, per_class_step=per_class))
         g = make_generator(1, "distill")
         d.setup(digits, syn, g)
         for it in (1, 2):
@@ -97,7 +98,7 @@ def test_per_class_step_gives_the_same_update(digits):
 def test_batchnorm_embedder_mixes_classes(digits):
     """BN nets take the official BN branch: every real image in one batch, every synthetic image in another."""
     syn = _syn(digits, 2)
-    d = DMDistiller(DMConfig(model="convnet_bn", batch_real=16, real_chunk=8, compile="off"))
+    d = DMDistiller(DMConfig(model="convnet_bn", batch_real=16, iterations=1))
     g = make_generator(0, "distill")
     d.setup(digits, syn, g)
     before = syn.images.detach().clone()
@@ -112,7 +113,8 @@ def test_compiled_embedder_matches_eager(digits):
     results = []
     for mode in ("off", "on", "on"):
         syn = _syn(digits, 1)
-        d = DMDistiller(DMConfig(model="convnet_w32", batch_real=32, compile=mode))
+        d = DMDistiller(DMConfig(model="convnet_w32", batch_real=32))
+        d.speed = SpeedLayer("auto", "cpu", compile=mode == "on")
         d.setup(digits, syn, make_generator(0))
         g = make_generator(4, "draw")
         means, grads = [], []
@@ -158,7 +160,7 @@ def test_dm_learns_on_digits(digits):
     syn = _syn(digits, 1, seed=0, init="real")
     before = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     d = create_distiller("dm", dataset="digits", ipc=1)
-    d.config.compile = "off"  # a 30-iteration run does not amortise the compile time
+    d.config.iterations = 30  # the run's length: the speed layer keeps a run this short eager
     distill(d, digits, syn, iterations=30, seed=0)
     after = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     assert after - before > 10.0, (before, after)

@@ -8,35 +8,36 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from ddkit.functional.compiled import CompiledOrEager
+from ddkit.accel.compiled import CompiledOrEager
 from ddkit.models import create_model
-from ddkit.models.patchnorm import (
+from ddkit.accel.patchnorm import (
     ConvNormStage,
     conv_instance_norm,
     conv_instance_norm_pool,
     fuses_pooling,
     pooled_shortcut_applies,
     shortcut_applies,
-    use_patch_shortcut,
+    install,
+    uninstall,
 )
 
 
 def _pair(channels: int, size: tuple[int, int], **kw) -> tuple[nn.Module, nn.Module]:
     """The same float64 ConvNet twice: shortcut on, shortcut off."""
     torch.manual_seed(0)
-    fast = create_model("convnet", channels=channels, num_classes=5, image_size=size, **kw).double()
+    fast = install(create_model("convnet", channels=channels, num_classes=5, image_size=size, **kw).double())
     for p in fast.parameters():  # move the norm affines off their (1, 0) initialisation
         with torch.no_grad():
             p.add_(0.1 * torch.randn_like(p))
-    plain = use_patch_shortcut(copy.deepcopy(fast), False)
+    plain = uninstall(copy.deepcopy(fast))
     return fast, plain
 
 
 @pytest.mark.parametrize("channels,size", [(1, (28, 28)), (3, (32, 32)), (1, (12, 9))])
 def test_values_and_gradients_match_the_plain_modules(channels, size):
     fast, plain = _pair(channels, size)
-    assert fast.stages[0].use_shortcut and not plain.stages[0].use_shortcut
-    assert not fast.stages[1].use_shortcut  # 128 input channels: statistics would cost more than they save
+    assert fast.stages[0].use_shortcut and type(plain.stages[0]) is nn.Sequential  # the swap, and its reversal
+    assert type(fast.stages[1]) is nn.Sequential  # 128 input channels: statistics would cost more than they save
     x = torch.randn(6, channels, *size, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 5, (6,))
 
@@ -106,7 +107,7 @@ def test_shortcut_is_only_taken_where_it_is_exact_and_cheap(conv, norm):
 
 def test_other_norms_keep_the_plain_path():
     for kw in ({"norm": "batchnorm"}, {"norm": "layernorm"}, {"norm": "groupnorm"}, {"norm": "none"}):
-        net = create_model("convnet", channels=1, num_classes=3, image_size=(28, 28), **kw)
+        net = install(create_model("convnet", channels=1, num_classes=3, image_size=(28, 28), **kw))
         assert not any(getattr(m, "use_shortcut", False) for m in net.modules())
 
 
@@ -141,18 +142,20 @@ def test_pooled_stage_is_only_taken_for_2x2_average_pooling():
     for tail in ([nn.ReLU(), nn.MaxPool2d(2, 2)], [nn.ReLU(), nn.AvgPool2d(2, 1)], [nn.ReLU(), nn.AvgPool2d(3, 2)],
                  [nn.ReLU(), nn.AvgPool2d(2, 2, ceil_mode=True)], [nn.Softmax(1), nn.AvgPool2d(2, 2)], [nn.ReLU()]):
         assert not pooled_shortcut_applies([conv, norm, *tail])
-    assert fuses_pooling(create_model("convnet", channels=1, num_classes=3, image_size=(28, 28)))
-    assert not fuses_pooling(create_model("convnet", channels=3, num_classes=3, image_size=(32, 32)))  # 27 taps
+    plain_model = create_model("convnet", channels=1, num_classes=3, image_size=(28, 28))
+    assert not fuses_pooling(plain_model)  # models build plain modules; the speed layer swaps stages in
+    assert fuses_pooling(install(plain_model))
+    assert not fuses_pooling(install(create_model("convnet", channels=3, num_classes=3, image_size=(32, 32))))
     for name in ("convnet_maxpool", "convnet_nopool", "convnet_bn"):
-        assert not fuses_pooling(create_model(name, channels=1, num_classes=3, image_size=(28, 28)))
+        assert not fuses_pooling(install(create_model(name, channels=1, num_classes=3, image_size=(28, 28))))
     net = create_model("convnet", channels=1, num_classes=3, image_size=(28, 28))
-    assert not fuses_pooling(use_patch_shortcut(net, True, fuse_pooling=False))
+    assert not fuses_pooling(install(net, fuse_pooling=False))
 
 
 def test_compiled_graph_takes_the_pooled_stage(monkeypatch):
     """Under torch.compile the first stage goes through ``conv_instance_norm_pool`` and still gives the plain
     modules' features and input gradient (float32)."""
-    import ddkit.models.patchnorm as patchnorm
+    import ddkit.accel.patchnorm as patchnorm
 
     traced = []
     original = patchnorm.conv_instance_norm_pool
@@ -163,8 +166,8 @@ def test_compiled_graph_takes_the_pooled_stage(monkeypatch):
 
     monkeypatch.setattr(patchnorm, "conv_instance_norm_pool", spy)
     torch.manual_seed(0)
-    net = create_model("convnet_d2", channels=1, num_classes=3, image_size=(10, 10), width=16)
-    plain = use_patch_shortcut(copy.deepcopy(net), False)
+    net = install(create_model("convnet_d2", channels=1, num_classes=3, image_size=(10, 10), width=16))
+    plain = uninstall(copy.deepcopy(net))
     x = torch.randn(5, 1, 10, 10)
     xc = x.clone().requires_grad_(True)
     xp = x.clone().requires_grad_(True)

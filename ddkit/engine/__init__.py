@@ -1,8 +1,7 @@
 """The one distillation loop, its callbacks, checkpoints and random streams."""
-from .allocator import keep_freed_memory
 from .callbacks import Callback, GridSaver, MetricsLogger, PeriodicEval, ProgressBar, RunState
 from .loop import distill
 from .seeding import derive_seed, make_generator, seeded_global
 
 __all__ = ["Callback", "GridSaver", "MetricsLogger", "PeriodicEval", "ProgressBar", "RunState", "distill",
-           "derive_seed", "make_generator", "seeded_global", "keep_freed_memory"]
+           "derive_seed", "make_generator", "seeded_global"]

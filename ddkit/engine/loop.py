@@ -41,7 +41,6 @@ def distill(
     syn.to(device)
     real = real.to(device)
     generator = make_generator(seed, "distill")
-    distiller.run_iterations = iterations
     distiller.setup(real, syn, generator)
     start_it = 0
     if resume:

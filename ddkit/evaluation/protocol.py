@@ -37,7 +37,7 @@ from ..engine.seeding import make_generator, seeded_global
 from ..errors import ConfigError, DataError
 from ..validate import check_protocol as check_protocol_values
 from .compat import check_set_matches
-from ..functional.compiled import forward_of, resolve_compile, train_chunk
+from ..accel import SpeedLayer, check_speed
 from ..models import create_model
 from .report import Report, Row
 from .train import accuracy, train_model
@@ -56,10 +56,9 @@ class EvalProtocol:
     dsa: bool = True
     dsa_strategy: str | None = None  # None: the dataset's strategy
     soft_label_loss: str = "soft_ce"
-    channels_last: bool = False  # a CPU/GPU speed lever; measured in benchmarks/bench_eval_cost.py
-    #: torch.compile the model's forward: "auto" (on for CPU float32 evaluations of at least
-    #: COMPILE_MIN_PIXEL_STEPS per model, where the ~20 s compile pays off), "on" or "off"
-    compile: str = "auto"
+    #: the speed layer's setting (``ddkit.accel``): "auto" (CPU: patch-statistics first stage, compiled training
+    #: for evaluations long enough to repay it, cache-sized chunks; elsewhere plain) or "plain"
+    speed: str = "auto"
     model_overrides: dict = field(default_factory=dict)
     #: "sgd" (the field: ``momentum``, ``weight_decay``) or "adam" (FRePo; ``weight_decay`` as torch's L2 term)
     optimizer: str = "sgd"
@@ -76,6 +75,9 @@ class EvalProtocol:
     targets: str = "labels"
     #: the protocol's name, recorded in reports
     name: str = "field"
+
+    def __post_init__(self) -> None:
+        self.speed = check_speed(self.speed)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -174,10 +176,6 @@ def regression_targets(labels: Tensor, num_classes: int) -> Tensor:
     return centered_one_hot(labels, num_classes).to(torch.float32)
 
 
-#: "auto" compiles when one model's training touches at least this many pixels (epochs x images x H x W):
-#: Fashion-MNIST IPC 10 at 300 epochs is 2.4e7 (compiled: 1.5x faster steps, measured in bench_eval_cost.py);
-#: the digits runs of the tests and the main job stay eager, where the compile time would dominate.
-COMPILE_MIN_PIXEL_STEPS = 1.5e7
 
 
 def peak_rss_mib() -> float:
@@ -209,15 +207,12 @@ def train_and_test(
             num_classes=real.num_classes,
             image_size=real.image_size,
             **protocol.model_overrides,
-        ).to(device)
-    if protocol.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+        )
+    speed = SpeedLayer(protocol.speed, device)
+    model = speed.prepare(model).to(device)
     epochs, max_steps, total_steps = training_length(protocol, images.shape[0])
     pixel_steps = epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
-    compiled = resolve_compile(protocol.compile, device, images.dtype, pixel_steps >= COMPILE_MIN_PIXEL_STEPS)
-    # CPU: cache-sized chunks of each batch (the same SGD step for models without batch norm; forward_of)
-    forward = forward_of(model, compiled, train_chunk(tuple(images.shape), device, compiled))
+    forward = speed.train_forward(model, tuple(images.shape), speed.compiles(pixel_steps, images.dtype))
     augment: Callable | None = None
     if protocol.dsa:
         aug = DSA.from_strategy(protocol.dsa_strategy or dataset_strategy(real.name))

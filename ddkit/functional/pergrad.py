@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .compiled import even_chunk
+from ..accel.compiled import even_chunk
 
 ParamDict = dict[str, Tensor]
 

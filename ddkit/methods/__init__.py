@@ -1,4 +1,5 @@
 """Distillation methods.  Each module registers its Distiller in ``METHODS`` when imported here."""
+from ..accel import SpeedLayer
 from ..registry import METHODS
 from .base import DistillConfig, Distiller
 from . import coreset  # noqa: F401  (registers random, herding, kcenter)
@@ -9,12 +10,16 @@ from . import frepo  # noqa: F401
 from . import kip  # noqa: F401
 
 
-def create_distiller(name: str, config=None, *, dataset: str | None = None, ipc: int | None = None, device="cpu") -> Distiller:
-    """Build the named method with ``config`` or its per-dataset/IPC defaults."""
+def create_distiller(name: str, config=None, *, dataset: str | None = None, ipc: int | None = None, device="cpu",
+                     speed: str = "auto") -> Distiller:
+    """Build the named method with ``config`` or its per-dataset/IPC defaults, on ``device`` with the speed layer's
+    setting ``speed`` ("auto" | "plain"; methods use it from ``setup`` on)."""
     cls = METHODS.get(name)
     if config is None:
         config = cls.default_config(dataset or "digits", ipc or 1)
-    return cls(config, device=device)
+    distiller = cls(config, device=device)
+    distiller.speed = SpeedLayer(speed, distiller.device)
+    return distiller
 
 
 def method_names() -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..accel import SpeedLayer
 from ..data.realdata import RealData
 from ..engine.seeding import seeded_global
 from ..models import create_model
@@ -40,12 +41,13 @@ class Distiller:
     #: coreset selectors pick real images and never optimise (the engine runs zero iterations)
     selects_only: ClassVar[bool] = False
 
-    def __init__(self, config: DistillConfig | None = None, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: DistillConfig | None = None, *, device: str | torch.device = "cpu",
+                 speed: str | SpeedLayer = "auto") -> None:
         self.config = config if config is not None else self.Config()
         self.device = torch.device(device)
         self.optimizer: torch.optim.Optimizer | None = None
-        #: the length of the run being set up, set by the engine (it may differ from ``config.iterations``)
-        self.run_iterations: int | None = None
+        #: the device's speed levers (``speed: auto|plain``); methods ask it for networks and forwards
+        self.speed = speed if isinstance(speed, SpeedLayer) else SpeedLayer(speed, self.device)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -56,10 +58,6 @@ class Distiller:
     @classmethod
     def config_fields(cls) -> dict[str, dataclasses.Field]:
         return {f.name: f for f in dataclasses.fields(cls.Config)}
-
-    def planned_iterations(self) -> int:
-        """Iterations of the current run: the engine's count, else the config's (for speed options like compile)."""
-        return self.config.iterations if self.run_iterations is None else self.run_iterations
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> None:
@@ -103,7 +101,7 @@ class Distiller:
                 image_size=real.image_size,
                 **overrides,
             )
-        return net.to(self.device)
+        return self.speed.prepare(net).to(self.device)
 
     def real_batch(self, real: RealData, c: int, n: int, generator: torch.Generator) -> Tensor:
         """``n`` random real images of class ``c`` on the method's device."""

@@ -44,20 +44,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..accel import SpeedLayer
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss, train_model
-from ..functional.compiled import forward_of, has_batchnorm, resolve_compile, train_chunk
-from ..models.patchnorm import ConvNormStage
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
 from .common import ClassBatch, Params, augment_by_class, class_means, resolve_dsa, sample_class_params, sample_per_class
-from .dm import CompiledEmbedder, augmented_chunks, chunk_size
-
-_POOLS = (nn.AvgPool2d, nn.MaxPool2d)
-
 
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclass
@@ -90,12 +85,6 @@ class CAFEConfig(DistillConfig):
     dsa_strategy: str | None = None  # None = the dataset's strategy (used only when dsa is on)
     max_updates: int = 100  # ours: cap on image updates per outer iteration (the official loop is unbounded)
     max_inner_epochs: int = 100  # ours: cap on training epochs per inner loop (unbounded officially)
-    real_chunk: int = 0  # real images per no-grad forward chunk; 0 = automatic (see dm.CPU_REAL_CHUNK)
-    #: compile the stopping-rule readings' forward (eval mode, channels-last, chunks of CPU_CHUNK_PIXELS), the
-    #: part of an outer iteration that runs most often: "auto" (CPU float32 runs of >= 100 outer iterations),
-    #: "on" or "off".  Compiled logits differ from eager ones by float rounding only, so a reading can differ
-    #: only where two classes' logits tie to rounding.
-    compile: str = "auto"
 
     def layer_weights(self) -> list[float]:
         """Weights deepest first."""
@@ -118,33 +107,11 @@ def feature_taps(net: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
     """The maps CAFE aligns (in forward order) and the embedding.
 
     The official ConvNet returns, for depth 3, the activations *before* each block's pooling plus the last
-    block's pooled output (``networks.py``: ``features[:-9]``, ``[-9:-5]``, ``[-5:-1]``, ``[-1:]``).  The same rule
-    applied to any model built from ``stages``: a stage that ends in a 2x2 pooling layer contributes its
-    pre-pooling activation, other stages their output, and a pooled last stage also its pooled output.
+    block's pooled output (``networks.py``: ``features[:-9]``, ``[-9:-5]``, ``[-5:-1]``, ``[-1:]``): the model's
+    ``feature_maps(x, before_pooling=True)`` applies that rule to any zoo model.
     """
-    stages = getattr(net, "stages", None)
-    if stages is None:
-        maps = net.feature_maps(x)
-        return maps[:-1], maps[-1]
-    taps: list[Tensor] = []
-    pooled = False
-    for stage in stages:
-        if isinstance(stage, nn.Sequential) and len(stage) > 1 and isinstance(stage[-1], _POOLS):
-            if isinstance(stage, ConvNormStage):
-                x = stage.run(x, stop=-1)
-            else:
-                for module in stage[:-1]:
-                    x = module(x)
-            taps.append(x)
-            x = stage[-1](x)
-            pooled = True
-        else:
-            x = stage(x)
-            taps.append(x)
-            pooled = False
-    if pooled:
-        taps.append(x)
-    return taps, net.head(x)
+    maps = net.feature_maps(x, before_pooling=True)
+    return maps[:-1], maps[-1]
 
 
 def weighted_taps(taps: list[Tensor], weights: list[float]) -> list[tuple[int, float]]:
@@ -170,13 +137,15 @@ class _RealStats:
 
 @torch.no_grad()
 def real_statistics(net: nn.Module, batch: ClassBatch, aug: DSA, params: list[Params], num_classes: int,
-                    weights: list[float], chunk: int, dtype: torch.dtype) -> _RealStats:
-    """Class means of the aligned maps and the embedding, per-sample embeddings, and the real CE, chunked."""
+                    weights: list[float], chunk: int, dtype: torch.dtype, speed: SpeedLayer) -> _RealStats:
+    """Class means of the aligned maps and the embedding, per-sample embeddings, and the real CE, in chunks of
+    ``chunk`` rows (augmented in blocks chosen by ``speed``)."""
     sums: dict[int, Tensor] = {}
     embs: list[Tensor] = []
     ce = 0.0
     total = batch.images.shape[0]
-    for labels, x in augmented_chunks(aug, batch, params, chunk, dtype):
+    augment = lambda x, rows: augment_by_class(aug, x, rows, params)  # noqa: E731
+    for labels, x in speed.augmented_chunks(augment, batch.images, batch.row_class, batch.labels, chunk, dtype):
         taps, emb = feature_taps(net, x)
         for index, _ in weighted_taps(taps, weights):
             if index not in sums:
@@ -198,10 +167,12 @@ class CAFEDistiller(Distiller):
     name: ClassVar[str] = "cafe"
     Config: ClassVar[type[DistillConfig]] = CAFEConfig
 
-    def __init__(self, config: CAFEConfig | None = None, *, device: str | torch.device = "cpu") -> None:
-        super().__init__(config, device=device)
+    def __init__(self, config: CAFEConfig | None = None, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.aug: DSA = DSA.from_strategy(None)
-        self.reader = CompiledEmbedder(False, entry="forward")
+        #: the stopping-rule readings' forward (eval mode), the part of an outer iteration that runs most often;
+        #: compiled (by the speed layer's rule) its logits differ from eager ones by float rounding only
+        self.reader = self.speed.embedder(False, entry="forward")
         self._syn_labels: Tensor | None = None
         self._syn_row_class: Tensor | None = None
 
@@ -217,8 +188,9 @@ class CAFEDistiller(Distiller):
         cfg.decay_milestones()  # validate early
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name) if cfg.dsa else DSA.from_strategy(None)
-        self.reader = CompiledEmbedder(resolve_compile(cfg.compile, self.device, syn.images.dtype,
-                                                       long_run=self.planned_iterations() >= 100), entry="forward")
+        # the work of a run: at least one real batch forward per outer iteration
+        pixels = cfg.iterations * cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
+        self.reader = self.speed.embedder(self.speed.compiles(pixels, syn.images.dtype), entry="forward")
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)
@@ -286,7 +258,7 @@ class CAFEDistiller(Distiller):
         # the readings' compile decision serves the training passes too (in cache-sized chunks where exact):
         # CAFE IPC 10 spent 194 s of a 910 s outer iteration in eager epochs
         compiled = self.reader.enabled
-        forward = forward_of(net, compiled, train_chunk(tuple(images.shape), self.device, compiled))
+        forward = self.speed.train_forward(net, tuple(images.shape), compiled)
         window: list[float] = []
         epochs = 0
         while epochs < cfg.max_inner_epochs:
@@ -310,9 +282,8 @@ class CAFEDistiller(Distiller):
         dtype = syn.images.dtype
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, k, generator, self.device)
-        bn = has_batchnorm(net)
-        stats = real_statistics(net, batch, self.aug, params, k, weights,
-                                chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, bn), dtype)
+        chunk = self.speed.no_grad_chunk(tuple(batch.images.shape), net, compiled=False)
+        stats = real_statistics(net, batch, self.aug, params, k, weights, chunk, dtype, self.speed)
         x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
         taps, emb = feature_taps(net, x)
         middle = sum(w * ((stats.tap_means[i] - class_means(taps[i], self._syn_labels, k)) ** 2).sum()
@@ -355,8 +326,7 @@ class CAFEDistiller(Distiller):
         forward = self.reader.bind(net)  # net itself, or a compiled copy holding its current state and mode
         correct = torch.zeros(real.num_classes, device=self.device)
         total = batch.images.shape[0]
-        chunk = chunk_size(cfg.real_chunk, tuple(batch.images.shape), self.device, batchnorm=False,
-                           compiled=self.reader.enabled)
+        chunk = self.speed.no_grad_chunk(tuple(batch.images.shape), net, self.reader.enabled)
         dtype = next(net.parameters()).dtype
         for start in range(0, total, chunk):
             labels = batch.labels[start:start + chunk]

@@ -22,7 +22,6 @@ from ..data.realdata import RealData
 from ..errors import ArtifactError
 from ..io import load_state, save_state
 from ..evaluation.train import train_model
-from ..functional.compiled import forward_of, resolve_compile, train_chunk
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
@@ -110,11 +109,11 @@ class EmbeddingCoreset(RandomCoreset):
         net = self.new_network(real, generator, model=cfg.feature_model)
         if cfg.feature_epochs > 0:
             images = real.train_images
-            # a pass over a whole training set is long enough for torch.compile to pay off on CPU
-            compiled = resolve_compile("auto", self.device, images.dtype, long_run=images.shape[0] >= 10_000)
+            pixel_steps = cfg.feature_epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
+            compiled = self.speed.compiles(pixel_steps, images.dtype)
             train_model(net, images, real.train_labels, epochs=cfg.feature_epochs, lr=cfg.feature_lr,
                         generator=generator, batch_size=cfg.feature_batch, decay_at_half=False,
-                        forward=forward_of(net, compiled, train_chunk(tuple(images.shape), self.device, compiled)))
+                        forward=self.speed.train_forward(net, tuple(images.shape), compiled))
         return self._features(net, real.train_images)
 
 

@@ -17,12 +17,10 @@ What differs from the official code, and why the result is the same:
   for the synthetic ones.  Here samples are independent (instance/group/layer/no norm; batch norm is in eval
   mode with frozen statistics while matching, as in the paper), which allows two exact rewrites
   (:mod:`ddkit.functional.pergrad`): the per-class gradients of all classes from one ``vmap(grad(...))`` over a
-  class axis, and each class's gradient accumulated over small chunks of its batch.  ``grad_mode='auto'``
-  takes the faster one per side and device: on accelerators everything batched (passes of up to 2560
-  CIFAR-sized images); on CPU (where batching buys little and cache-sized passes buy more) the real side per
-  class in chunks of about 16 Fashion-MNIST images (32 when compiled), the synthetic side batched for small
-  classes.  The inner
-  network epochs likewise run the forward in chunks (:func:`ddkit.functional.compiled.forward_of`, the same SGD
+  class axis, and each class's gradient accumulated over small chunks of its batch.  Which one runs, and the
+  chunk sizes, are the speed layer's choice (``SpeedLayer.grad_modes``/``grad_chunk``: on CPU the real side per
+  class in cache-sized chunks, the synthetic side batched for small classes; ``speed=plain`` the official
+  per-class loop).  The inner network epochs run through the speed layer's ``train_forward`` (the same SGD
   step).  ``tests/test_pergrad.py`` and
   ``tests/test_dc.py`` check gradients, loss and the image gradient against the official per-class
   formulation in float64.  Layers whose double backward ``vmap`` gets wrong (LayerNorm, InstanceNorm modules)
@@ -47,7 +45,7 @@ from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import train_model
-from ..functional.compiled import CompiledOrEager, forward_of, has_batchnorm, resolve_compile, train_chunk
+from ..accel.compiled import has_batchnorm
 from ..functional.distances import check_distance, contributes, match_distance
 from ..functional.pergrad import (
     ParamDict,
@@ -67,16 +65,6 @@ from .common import augment_by_class, blocks, resolve_dsa, sample_class_params, 
 #: ``get_loops`` (utils.py): IPC -> (outer_loop, inner_loop), "empirically good" values of the authors.
 OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
                                               50: (50, 10)}
-
-#: Accelerators: input pixels per batched pass (all CIFAR-10 classes x 256 real images at once); bounds memory
-#: for many classes (CIFAR-100: ten passes of 25 images per class) without costing speed on 10 classes.
-ACCEL_CHUNK_PIXELS = 2560 * 32 * 32
-
-#: CPU: synthetic images per class up to which the synthetic side is batched over classes with vmap; above it the
-#: per-class loop was faster on 2 cores (IPC 1: batched 0.35 vs loop 0.55 CPU-s; IPC 10: 4.3 vs 3.2).
-CPU_BATCHED_SYN_MAX = 4
-
-GRAD_MODES = ("auto", "batched", "loop")
 
 
 def dc_loops(ipc: int) -> tuple[int, int]:
@@ -122,19 +110,6 @@ class DCConfig(DistillConfig):
     #: DSA strategy: "none" for DC; None = the dataset's (DSA README: no flip for MNIST/SVHN)
     dsa_strategy: str | None = "none"
     bn_images_per_class: int = 16  # BNSizePC: real images per class that set frozen batch-norm statistics
-    #: per-class gradients: "batched" (vmap over classes), "loop" (per class), or "auto": the faster exact one
-    #: (accelerators: batched; CPU: loop for the real side, batched for small synthetic classes)
-    grad_mode: str = "auto"
-    #: real images per forward/backward pass; 0 = automatic (CPU_CHUNK_PIXELS / ACCEL_CHUNK_PIXELS)
-    real_chunk: int = 0
-    #: images per forward in the inner network updates (same gradient, smaller passes); 0 = automatic (as
-    #: real_chunk; never for train-mode batch norm, whose statistics need the whole batch)
-    inner_chunk: int = 0
-    channels_last: bool = False  # run the network in channels-last layout
-    #: torch.compile the inner network updates and the real side's per-class passes: "auto" (on for CPU float32
-    #: runs of >= 100 outer iterations), "on" or "off".  Compiled steps on 100 Fashion-MNIST images took 0.47 s
-    #: against 0.71 s eager (2 cores).  The synthetic side (double backward) always runs eagerly.
-    compile: str = "auto"
 
 
 @dataclass
@@ -208,8 +183,8 @@ class DCDistiller(Distiller):
     name: ClassVar[str] = "dc"
     Config: ClassVar[type[DistillConfig]] = DCConfig
 
-    def __init__(self, config: DCConfig | None = None, *, device: str | torch.device = "cpu") -> None:
-        super().__init__(config, device=device)
+    def __init__(self, config: DCConfig | None = None, **kwargs) -> None:
+        super().__init__(config, **kwargs)
         self.aug: DSA = DSA.from_strategy(None)
         self.loops: tuple[int, int] = (1, 1)
         self._syn_row_class: Tensor | None = None
@@ -232,35 +207,14 @@ class DCDistiller(Distiller):
     @staticmethod
     def _validate(cfg: DCConfig, syn: SyntheticSet) -> None:
         check_distance(cfg.distance)
-        resolve_compile(cfg.compile, torch.device("cpu"), torch.float32, long_run=False)  # rejects unknown modes
-        if cfg.grad_mode not in GRAD_MODES:
-            raise ConfigError(f"grad_mode must be one of {', '.join(GRAD_MODES)}, got {cfg.grad_mode!r}")
         if cfg.soft_labels or cfg.learn_labels or syn.is_soft:
             raise ConfigError("dc/dsa match gradients of hard-label classes; soft or learned labels are not supported")
         for field in ("batch_real", "batch_train", "bn_images_per_class"):
             if getattr(cfg, field) < 1:
                 raise ConfigError(f"{field} must be >= 1, got {getattr(cfg, field)}")
-        for field in ("outer_loop", "inner_loop", "real_chunk", "inner_chunk"):
+        for field in ("outer_loop", "inner_loop"):
             if getattr(cfg, field) < 0:
                 raise ConfigError(f"{field} must be >= 0 (0 = automatic), got {getattr(cfg, field)}")
-
-    def chunk_images(self, requested: int, image_shape: tuple[int, ...], compiled: bool = False) -> int | None:
-        """Images per pass: the request, else a pixel budget (on CPU :func:`~ddkit.functional.compiled.train_chunk`,
-        about twice as large for compiled passes; large on accelerators)."""
-        if requested > 0:
-            return requested
-        if self.device.type != "cpu":
-            return max(1, ACCEL_CHUNK_PIXELS // max(1, image_shape[-1] * image_shape[-2]))
-        return train_chunk(image_shape, self.device, compiled)
-
-    def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
-        """(real side, synthetic side) formulation for ``grad_mode``; "auto" picks the faster one measured."""
-        cfg: DCConfig = self.config  # type: ignore[assignment]
-        if cfg.grad_mode != "auto":
-            return cfg.grad_mode, cfg.grad_mode
-        if self.device.type != "cpu":
-            return "batched", "batched"
-        return "loop", "batched" if syn_per_class <= CPU_BATCHED_SYN_MAX else "loop"
 
     # ------------------------------------------------------------------ one outer iteration
     def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
@@ -268,11 +222,9 @@ class DCDistiller(Distiller):
         cfg: DCConfig = self.config  # type: ignore[assignment]
         outer, inner = self.loops
         net = self.new_network(real, generator).to(dtype=syn.images.dtype).train()
-        if cfg.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        compiled = self.compiled(syn.images.dtype)
+        compiled = self.compiled(real, syn)
         # the real side's first-order passes (per-class loop) share the compiled graph with the inner updates
-        real_forward = CompiledOrEager(net) if compiled else None
+        real_forward = self.speed.compiled_forward(net, compiled)
         total, t_match, t_net = 0.0, 0.0, 0.0
         for ol in range(outer):
             t0 = time.perf_counter()
@@ -292,11 +244,13 @@ class DCDistiller(Distiller):
         # official log: loss_avg /= (num_classes * outer_loop)
         return {"loss": total / (real.num_classes * outer), "seconds_match": t_match, "seconds_inner": t_net}
 
-    def compiled(self, dtype: torch.dtype) -> bool:
-        """Whether this run compiles its network passes (``compile``; "auto": CPU float32 runs of >= 100
-        outer iterations, where the compile time is repaid)."""
+    def compiled(self, real: RealData, syn: SyntheticSet) -> bool:
+        """Whether this run compiles its first-order network passes (the speed layer's rule, from the real images
+        a run pushes through the network: ``iterations x outer_loop x batch_real x classes``).  The synthetic side
+        (double backward) always runs eagerly."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        return resolve_compile(cfg.compile, self.device, dtype, long_run=self.planned_iterations() >= 100)
+        pixels = cfg.iterations * self.loops[0] * cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
+        return self.speed.compiles(pixels, syn.images.dtype)
 
     def matching_loss(self, net: nn.Module, real: RealData, syn: SyntheticSet, generator: torch.Generator, *,
                       real_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -312,25 +266,23 @@ class DCDistiller(Distiller):
         with torch.no_grad():
             real_x = augment_by_class(self.aug, batch.images.to(dtype), batch.row_class, params)
         syn_x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
-        real_b, real_w = blocks(self._layout(real_x), batch.row_class, k)
-        syn_b, syn_w = blocks(self._layout(syn_x), self._syn_row_class, k)
-        real_mode, syn_mode = self.grad_modes(syn_b.shape[1])
+        real_b, real_w = blocks(real_x, batch.row_class, k)
+        syn_b, syn_w = blocks(syn_x, self._syn_row_class, k)
+        real_mode, syn_mode = self.speed.grad_modes(syn_b.shape[1])
+        loop_forward = real_forward if real_mode == "loop" else None
         return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
                                    syn_mode=syn_mode,
-                                   real_chunk=self.chunk_images(
-                                       cfg.real_chunk, real.image_shape,
-                                       compiled=real_forward is not None and real_mode == "loop"),
-                                   real_forward=real_forward if real_mode == "loop" else None)
+                                   real_chunk=self.speed.grad_chunk(real.image_shape, loop_forward is not None),
+                                   real_forward=loop_forward)
 
     def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator,
                       compiled: bool = False) -> None:
         """Official ``epoch('train', ...)`` x ``inner_loop``: SGD lr_net without momentum or weight decay on the
         detached synthetic set, batch ``batch_train``, DSA per-sample augmentation for DSA."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        chunk = self.chunk_images(cfg.inner_chunk, tuple(syn.images.shape[1:]), compiled=compiled)
         train_model(
             net,
-            self._layout(syn.images.detach()),
+            syn.images.detach(),
             syn.hard_labels(),
             epochs=epochs,
             lr=cfg.lr_net,
@@ -340,18 +292,8 @@ class DCDistiller(Distiller):
             batch_size=cfg.batch_train,
             decay_at_half=False,
             augment=None if self.aug.is_identity else self.aug,
-            forward=forward_of(net, compiled, chunk),
+            forward=self.speed.train_forward(net, tuple(syn.images.shape), compiled),
         )
-
-    def _layout(self, x: Tensor) -> Tensor:
-        cfg: DCConfig = self.config  # type: ignore[assignment]
-        if cfg.channels_last and x.dim() == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def state_dict(self) -> dict[str, Any]:
-        """Only the image optimizer carries state: the network is re-drawn from the generator every iteration."""
-        return super().state_dict()
 
 
 class DSADistiller(DCDistiller):

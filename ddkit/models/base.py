@@ -16,6 +16,8 @@ from torch import nn
 from ..errors import ConfigError
 from .layers import Size, check_positive
 
+_POOLS = (nn.AvgPool2d, nn.MaxPool2d)
+
 
 class FeatureNet(nn.Module):
     """Base class: subclasses fill ``stages`` (a ``ModuleList``), ``head`` and ``classifier`` (an ``nn.Linear``).
@@ -38,11 +40,27 @@ class FeatureNet(nn.Module):
             x = stage(x)
         return self.head(x)
 
-    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Output of every stage, then the embedding as the last element (``== features(x)``)."""
+    def feature_maps(self, x: torch.Tensor, *, before_pooling: bool = False) -> list[torch.Tensor]:
+        """Output of every stage, then the embedding as the last element (``== features(x)``).
+
+        ``before_pooling``: the maps layer-wise feature alignment matches (CAFE's official ConvNet taps): a stage
+        that ends in a pooling layer contributes its activation *before* pooling, and a pooled last stage also its
+        pooled output.  A stage is an ``nn.Sequential`` (possibly swapped for an equivalent by the speed layer);
+        its ``[:-1]`` slice keeps that class, so the swap's computation serves the taps too.
+        """
         maps = []
+        pooled = False
         for stage in self.stages:
-            x = stage(x)
+            if before_pooling and isinstance(stage, nn.Sequential) and len(stage) > 1 and isinstance(stage[-1], _POOLS):
+                x = stage[:-1](x)
+                maps.append(x)
+                x = stage[-1](x)
+                pooled = True
+            else:
+                x = stage(x)
+                maps.append(x)
+                pooled = False
+        if before_pooling and pooled:
             maps.append(x)
         maps.append(self.head(x))
         return maps

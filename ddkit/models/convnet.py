@@ -31,7 +31,6 @@ from .layers import (
     make_pool,
     pool_out,
 )
-from .patchnorm import ConvNormStage
 
 
 class ConvNet(FeatureNet):
@@ -78,7 +77,7 @@ class ConvNet(FeatureNet):
             if pooling != "none" and can_pool(size):
                 layers.append(make_pool(pooling))
                 size = pool_out(size)
-            stages.append(ConvNormStage(*layers))
+            stages.append(nn.Sequential(*layers))
             in_ch = width
 
         self.stages = nn.ModuleList(stages)

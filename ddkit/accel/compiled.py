@@ -17,10 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from ..models.patchnorm import ConvNormStage, static_shape_calls
-
-COMPILE_MODES = ("auto", "on", "off")
+from .patchnorm import ConvNormStage, static_shape_calls
 
 #: CPU: input pixels per forward pass (16 Fashion-MNIST images, 196 8x8 digits, 12 CIFAR images).  Small passes keep
 #: a pass's activations (128 x 32 x 32 floats per 28x28 image after ConvNet-3's first conv) in cache; on 2 cores
@@ -44,14 +41,37 @@ FUSED_CHUNK_PIXELS = 64 * 28 * 28
 CPU_TRAIN_CHUNK_PIXELS = 32 * 28 * 28
 
 
-def resolve_compile(mode: str, device: torch.device, dtype: torch.dtype, long_run: bool) -> bool:
-    """Whether to compile: "on"/"off" as asked; "auto" only for a long float32 run on CPU."""
-    mode = str(mode).lower()
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-    if mode == "auto":
-        return long_run and device.type == "cpu" and dtype == torch.float32
-    return mode == "on"
+#: The one rule for when compiling pays off: a run that pushes at least this many input pixels through one compiled
+#: network function (images x height x width, summed over the run).  A compile costs about 20 s per graph on the
+#: 2-core CPUs here and saves about a third of every step (1.5x); Fashion-MNIST IPC 10 evaluated for 300 epochs
+#: is 2.4e7 pixel-steps and gained (benchmarks/bench_eval_cost.py), the digits runs of the tests and the main
+#: job (under 1e7) would spend most of their time compiling.
+COMPILE_MIN_PIXEL_STEPS = 1.5e7
+
+
+def compile_pays_off(pixel_steps: float) -> bool:
+    """Whether a run of ``pixel_steps`` input pixels through one compiled function repays the compile time."""
+    return pixel_steps >= COMPILE_MIN_PIXEL_STEPS
+
+
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the compiler could not do it" (no C++ toolchain, an unsupported op), as
+    opposed to errors of the computation itself (out of memory, a shape error), which must propagate."""
+    kinds: list[type[BaseException]] = []
+    dynamo_exc = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    for name in ("TorchDynamoException", "BackendCompilerFailed", "Unsupported"):
+        kind = getattr(dynamo_exc, name, None)
+        if isinstance(kind, type):
+            kinds.append(kind)
+    try:
+        from torch._inductor import exc as inductor_exc  # noqa: PLC0415 - optional, version-dependent module
+    except ImportError:  # pragma: no cover - torch without Inductor
+        inductor_exc = None
+    for name in ("InductorError", "CppCompileError", "CUDACompileError"):
+        kind = getattr(inductor_exc, name, None)
+        if isinstance(kind, type):
+            kinds.append(kind)
+    return tuple(kinds)
 
 
 #: Graphs (input shapes, modes) one compiled function may hold.  Every model's forward is the same code object
@@ -62,7 +82,8 @@ COMPILED_GRAPHS_LIMIT = 64
 
 class CompiledOrEager:
     """Calls ``torch.compile(fn)``; if compiling fails (no C++ compiler, an unsupported op), warns once and
-    calls ``fn`` eagerly from then on, so a missing toolchain costs speed, never a run."""
+    calls ``fn`` eagerly from then on, so a missing toolchain costs speed, never a run.  Any other error (out of
+    memory, a wrong shape) propagates: it would fail eagerly too, and must not read as a compiler failure."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.fn = fn
@@ -80,7 +101,9 @@ class CompiledOrEager:
                 # for this call only: no global change
                 with torch._dynamo.config.patch(cache_size_limit=limit), static_shape_calls(self._stages):
                     return self._compiled(x)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            except torch.OutOfMemoryError:
+                raise
+            except compiler_errors() as exc:  # only the compiler's own failures fall back to eager
                 warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); running eagerly",
                               RuntimeWarning, stacklevel=2)
                 self.enabled = False

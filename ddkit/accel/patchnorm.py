@@ -154,13 +154,25 @@ def _materialize_op() -> Callable[[Tensor], Tensor] | None:
         return torch.ops.ddkit.materialize
 
 
-_MATERIALIZE = _materialize_op()
+#: the ``ddkit::materialize`` op, registered on first use (installing a fused stage), never on import: a custom op
+#: is process-wide state, which importing a library should not create
+_MATERIALIZE: Callable[[Tensor], Tensor] | None = None
+_REGISTERED = False
+
+
+def materialize_available() -> bool:
+    """Register ``ddkit::materialize`` if it is not yet (once per process); False where torch lacks custom ops."""
+    global _MATERIALIZE, _REGISTERED
+    if not _REGISTERED:
+        _MATERIALIZE = _materialize_op()
+        _REGISTERED = True
+    return _MATERIALIZE is not None
 
 
 def _materialized(x: Tensor) -> Tensor:
     """``x`` as a contiguous buffer of its own; passed through the op as a 2-D ``[n, rest]`` tensor, whose stride
     order Inductor can settle even with symbolic sizes (it could not for the 4-D padded image)."""
-    assert _MATERIALIZE is not None
+    assert _MATERIALIZE is not None, "install() registers ddkit::materialize before a fused stage can run"
     return _MATERIALIZE(x.reshape(x.shape[0], -1)).view(x.shape)
 
 
@@ -179,7 +191,7 @@ def conv_instance_norm_pool(x: Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, act:
     kh, kw = conv.kernel_size
     ph, pw = conv.padding
     half_h, half_w = (height + 2 * ph - kh + 1) // 2, (width + 2 * pw - kw + 1) // 2
-    assert _MATERIALIZE is not None, "conv_instance_norm_pool needs torch.library.custom_op (torch >= 2.4)"
+    assert materialize_available(), "conv_instance_norm_pool needs torch.library.custom_op (torch >= 2.4)"
     _, coef, shift = affine_coefficients(x, conv, norm)
     padded = _materialized(F.pad(x, (pw, pw, ph, ph)))
     coef, shift = _materialized(coef), _materialized(shift)
@@ -204,8 +216,10 @@ def conv_instance_norm_pool(x: Tensor, conv: nn.Conv2d, norm: nn.GroupNorm, act:
 class ConvNormStage(nn.Sequential):
     """``conv -> norm -> ...`` (a ``Sequential``, same children and state dict) using the shortcut when it applies.
 
-    ``use_shortcut`` is decided from the first two layers at construction; setting it to False gives the plain
-    module path (benchmarks compare the two this way).  ``fuse_pooling`` lets compiled graphs of a
+    Models never build it: they build plain ``nn.Sequential`` stages, and the speed layer swaps this class in
+    around the same child modules (:func:`install`) and back out (:func:`uninstall`), so parameters, their
+    identity (optimizers keep working) and the state dict are unchanged by the swap.
+    ``use_shortcut`` is decided from the first two layers at construction.  ``fuse_pooling`` lets compiled graphs of a
     ``conv -> norm -> activation -> 2x2 average pool`` stage use :func:`conv_instance_norm_pool`, which they do
     only inside :func:`static_shape_calls` (ddkit's own compiled calls, ``CompiledOrEager``): with symbolic
     sizes (a user's own ``torch.compile`` once a batch size changes) Inductor 2.13 fails to lower the fused
@@ -215,7 +229,7 @@ class ConvNormStage(nn.Sequential):
     def __init__(self, *layers: nn.Module) -> None:
         super().__init__(*layers)
         self.use_shortcut = self.shortcut_possible()
-        self.fuse_pooling = True
+        self.fuse_pooling = materialize_available()
         self.static_shapes = False  # set only for the duration of a static-shape compiled call
 
     def shortcut_possible(self) -> bool:
@@ -246,21 +260,51 @@ def _is_compiling() -> bool:
     return bool(check())
 
 
-def use_patch_shortcut(net: nn.Module, enabled: bool, fuse_pooling: bool = True) -> nn.Module:
-    """Switch the shortcut on or off in every :class:`ConvNormStage` of ``net`` (where it applies); returns ``net``.
+def _swap_children(net: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace every descendant ``m`` of ``net`` for which ``convert(m)`` returns a module (depth first)."""
+    for name, child in list(net.named_children()):
+        new = convert(child)
+        if new is not None:
+            setattr(net, name, new)  # also right for ModuleList/Sequential children (named '0', '1', ...)
+        else:
+            _swap_children(child, convert)
+    return net
+
+
+def install(net: nn.Module, fuse_pooling: bool = True) -> nn.Module:
+    """Swap :class:`ConvNormStage` in for every plain ``nn.Sequential`` that starts ``conv -> instance norm`` where
+    the shortcut applies (:func:`shortcut_applies`); returns ``net`` (changed in place).
 
     ``fuse_pooling=False`` keeps compiled graphs on the batched product (:func:`conv_instance_norm`) followed by
     the stage's own activation and pooling modules.
-
-    Off gives the plain ``Conv2d`` / ``GroupNorm`` modules' computation, which is what the official code runs:
-    the benchmarks' re-statements of the official formulations use it, so that ddkit's gain is measured against
-    the computation the official code does.
     """
-    for module in net.modules():
+    def convert(module: nn.Module) -> nn.Module | None:
+        if type(module) is nn.Sequential and len(module) >= 2 and shortcut_applies(module[0], module[1]):
+            stage = ConvNormStage(*module)
+            stage.fuse_pooling = fuse_pooling and stage.fuse_pooling
+            stage.train(module.training)
+            return stage
+        return None
+
+    return _swap_children(net, convert)
+
+
+def uninstall(net: nn.Module) -> nn.Module:
+    """The reverse of :func:`install`: plain ``nn.Sequential`` stages around the same children (the official
+    ``Conv2d -> GroupNorm`` computation); returns ``net`` (changed in place)."""
+    def convert(module: nn.Module) -> nn.Module | None:
         if isinstance(module, ConvNormStage):
-            module.use_shortcut = enabled and module.shortcut_possible()
-            module.fuse_pooling = fuse_pooling
-    return net
+            plain = nn.Sequential(*module)
+            plain.train(module.training)
+            return plain
+        return None
+
+    return _swap_children(net, convert)
+
+
+def installed(net: nn.Module) -> bool:
+    """Whether some stage of ``net`` runs the shortcut."""
+    return any(isinstance(m, ConvNormStage) and m.use_shortcut for m in net.modules())
 
 
 def fuses_pooling(net: nn.Module) -> bool:
