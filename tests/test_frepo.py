@@ -149,6 +149,19 @@ def test_singular_solve_is_reported_not_nan(digits):
     assert bool(torch.isfinite(syn.images).all())
 
 
+def test_out_of_memory_names_the_settings(digits, monkeypatch):
+    syn = _syn(digits)
+    d = FRePoDistiller(_small())
+    d.setup(digits, syn, make_generator(0, "t"))
+
+    def exhausted(x):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+
+    monkeypatch.setattr(d.pool[d.current].net, "features", exhausted)
+    with pytest.raises(ConfigError, match="method.real_chunk or method.batch_real"):
+        d.loss(1, digits, syn, make_generator(0, "t"))
+
+
 def test_learned_hard_labels_are_refused(digits):
     syn = SyntheticSet.from_real(digits, 1, make_generator(0, "init"), soft_labels=False, learn_labels=True)
     with pytest.raises(ConfigError, match="soft_labels"):

@@ -47,6 +47,7 @@ What differs from the official code, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -325,7 +326,7 @@ class FRePoDistiller(Distiller):
         """KRR loss of the current pool network's features, plus the label margin; draws the real batch."""
         cfg: FRePoConfig = self.config  # type: ignore[assignment]
         net = self.pool[self.current].net.eval()  # nn_feat_fn: apply_fn(..., train=False)
-        with _Frozen(net):
+        with _Frozen(net), _explain_out_of_memory(cfg, len(syn)):
             f_t, y_t = self.real_batch_features(net, real, generator)
             x_s, y_s = self.support(syn, real.num_classes)
             f_s = net.features(x_s)
@@ -407,6 +408,20 @@ class FRePoDistiller(Distiller):
             member.optimizer.load_state_dict(saved["optimizer"])
             member.updates = int(saved["updates"])
         self.current = int(state["current"])
+
+
+@contextlib.contextmanager
+def _explain_out_of_memory(cfg: FRePoConfig, num_syn: int) -> Iterator[None]:
+    """An allocation failure in the feature passes becomes a one-line error naming the settings that bound them."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if "memory" not in str(exc).lower():
+            raise
+        raise ConfigError(
+            f"frepo: out of memory computing features (real batch {cfg.batch_real} in chunks of {cfg.real_chunk}, "
+            f"{num_syn} synthetic images with graph{', doubled by flip' if cfg.flip else ''}); lower "
+            f"method.real_chunk or method.batch_real, or use a smaller method.model") from None
 
 
 def _chunks(images: Tensor, index: Tensor, size: int) -> Iterator[Tensor]:
