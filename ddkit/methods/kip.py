@@ -131,9 +131,8 @@ class KIPDistiller(Distiller):
     name = "kip"
     Config = KIPConfig
 
-    def __init__(self, config: KIPConfig | None = None, *, device: str | torch.device = "cpu") -> None:
-        super().__init__(config, device=device)
-        self.spec: KernelSpec | None = None
+    #: the kernel, resolved from the config by ``setup``
+    spec: KernelSpec | None = None
 
     def setup(self, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> None:
         cfg = self.config
