@@ -24,8 +24,10 @@ Two accuracies, kept apart (they are not comparable; see mtt-distillation#10 and
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 import torch
 from torch import Tensor, nn
 
@@ -166,6 +168,11 @@ class KIPDistiller(Distiller):
                                                    labels.detach().long(), syn.num_classes).float(),
                                   requires_grad=True)
         syn.meta["label_kind"] = REGRESSION_LABELS
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Adam's moments are copied in: ``Optimizer.load_state_dict`` keeps the very tensors it is given, so
+        a state dict loaded from a live distiller would otherwise be advanced by both."""
+        super().load_state_dict(copy.deepcopy(state))
 
     # ------------------------------------------------------------------ the objective
     def _memory_limit(self) -> int | None:
