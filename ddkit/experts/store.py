@@ -196,8 +196,8 @@ class ExpertStore:
         if int(self.spec.num_classes) != int(num_classes):
             diffs.append(f"{self.spec.num_classes} classes (this run: {num_classes})")
         if self.spec.model != model or dict(self.spec.model_options) != dict(model_options or {}):
-            diffs.append(f"model {self.spec.model!r} {self.spec.model_options or ''} (this run: {model!r} "
-                         f"{model_options or ''})".replace(" )", ")"))
+            diffs.append(f"model {_model_text(self.spec.model, self.spec.model_options)} "
+                         f"(this run: {_model_text(model, model_options)})")
         why = preprocess_difference(self.preprocess(), preprocess)
         if why:
             diffs.append(f"preprocessing: {why}")
@@ -231,6 +231,10 @@ def preprocess_difference(a: Preprocess, b: Preprocess) -> str:
                                                                        b.zca_matrix.float().cpu(), atol=1e-4, rtol=1e-3):
         return "a different fitted ZCA whitening (another training split?)"
     return ""
+
+
+def _model_text(name: str, options: dict[str, Any] | None) -> str:
+    return repr(name) + (f" with {dict(options)}" if options else "")
 
 
 def _close(x, y, tol: float = 1e-6) -> bool:

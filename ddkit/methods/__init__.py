@@ -5,6 +5,7 @@ from .base import DistillConfig, Distiller
 from . import coreset  # noqa: F401  (registers random, herding, kcenter)
 from . import dm, cafe  # noqa: F401
 from . import dc  # noqa: F401
+from . import mtt, ftd, ddpp  # noqa: F401  (trajectory matching)
 from . import dd  # noqa: F401  (registers dd)
 from . import frepo  # noqa: F401
 from . import kip  # noqa: F401
