@@ -169,9 +169,11 @@ class DDDistiller(Distiller):
             (cfg.distill_lr > 0, f"distill_lr must be > 0 (it is the softplus of a raw value), got {cfg.distill_lr}"),
             (cfg.train_nets in ("unknown_init", "known_init"),
              f"train_nets must be 'unknown_init' or 'known_init', got {cfg.train_nets!r}"),
-            (cfg.weight_init in ("xavier", "default"), f"weight_init must be 'xavier' or 'default', got {cfg.weight_init!r}"),
+            (cfg.weight_init in ("xavier", "default"),
+             f"weight_init must be 'xavier' or 'default', got {cfg.weight_init!r}"),
             (cfg.unroll in ("checkpoint", "graph"), f"unroll must be 'checkpoint' or 'graph', got {cfg.unroll!r}"),
-            (cfg.n_nets >= 1 and cfg.batch_real >= 1, f"n_nets and batch_real must be >= 1, got {cfg.n_nets}, {cfg.batch_real}"),
+            (cfg.n_nets >= 1 and cfg.batch_real >= 1,
+             f"n_nets and batch_real must be >= 1, got {cfg.n_nets}, {cfg.batch_real}"),
             (0 < cfg.decay_factor <= 1 and cfg.decay_epochs > 0,
              f"decay_factor must lie in (0, 1] and decay_epochs be > 0, got {cfg.decay_factor}, {cfg.decay_epochs}"),
         ]
