@@ -134,13 +134,15 @@ def test_known_init_is_fixed_and_travels_in_the_state_dict(digits):
 
 
 def test_xavier_init_matches_the_official_scale():
-    net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 5), torch.nn.Linear(400, 300))
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 5), torch.nn.GroupNorm(64, 64), torch.nn.Linear(400, 300))
+    torch.nn.init.normal_(net[1].weight)
     xavier_init_(net, torch.Generator().manual_seed(0))
     conv_std = math.sqrt(2.0 / (8 * 25 + 64 * 25))
     lin_std = math.sqrt(2.0 / (400 + 300))
     assert abs(net[0].weight.std().item() / conv_std - 1) < 0.05
-    assert abs(net[1].weight.std().item() / lin_std - 1) < 0.05
-    assert net[0].bias.abs().sum() == 0 and net[1].bias.abs().sum() == 0
+    assert abs(net[2].weight.std().item() / lin_std - 1) < 0.05
+    assert net[0].bias.abs().sum() == 0 and net[2].bias.abs().sum() == 0
+    assert torch.equal(net[1].weight, torch.ones(64)) and net[1].bias.abs().sum() == 0
 
 
 def test_bad_settings_are_config_errors(digits):

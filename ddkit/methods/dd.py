@@ -113,21 +113,22 @@ def default_distill_steps(ipc: int) -> int:
 
 def xavier_init_(net: nn.Module, generator: torch.Generator, gain: float = 1.0) -> nn.Module:
     """The official ``init_weights(net, state)`` with ``init='xavier'``: N(0, gain^2 * 2 / (fan_in + fan_out))
-    conv/linear weights and zero biases; norm layers get weight 1, bias 0.  Draws from ``generator``."""
+    conv/linear weights, zero biases, norm weights 1.  Draws from ``generator``.
+
+    Done by parameter shape, not module type, so that it also holds for modules the speed layer swapped in (same
+    parameter names): a weight of two or more dimensions is a conv/linear kernel, a 1-D weight a norm scale.
+    """
     with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                receptive = m.weight[0][0].numel() if m.weight.dim() > 2 else 1
-                fan_in, fan_out = m.weight.shape[1] * receptive, m.weight.shape[0] * receptive
+        for name, p in net.named_parameters():
+            if p.dim() >= 2:
+                receptive = p[0][0].numel()
+                fan_in, fan_out = p.shape[1] * receptive, p.shape[0] * receptive
                 std = gain * math.sqrt(2.0 / float(fan_in + fan_out))
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator, dtype=m.weight.dtype) * std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif "Norm" in type(m).__name__:
-                if getattr(m, "weight", None) is not None:
-                    m.weight.fill_(1.0)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) * std)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("weight"):
+                p.fill_(1.0)
     return net
 
 
@@ -275,9 +276,23 @@ class DDDistiller(Distiller):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Copies: torch's Optimizer.load_state_dict keeps the given moment tensors, so loading a live distiller's
+        # state would make both distillers advance the same Adam moments.
+        state = _cloned(state)
         super().load_state_dict(state)
         if self.known is not None and state.get("known_init"):
             self.known = [{k: v.to(self.device) for k, v in p.items()} for p in state["known_init"]]
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in its nested dicts/lists cloned."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 METHODS.register("dd", obj=DDDistiller)
