@@ -118,12 +118,11 @@ def _distill(real: RealData, method: str, cfg: Any, ipc: int, iterations: int | 
              info: dict[str, Any] | None = None, speed: str = "auto") -> SyntheticSet:
     """The run itself; with a ``folder`` the caller holds its lock and has checked that it may be used."""
     iters = cfg.iterations if iterations is None else iterations
-    cfg.iterations = iters  # the method's config states the run's length (its schedules and the speed layer read it)
     distiller = create_distiller(method, cfg, device=dev, speed=speed)
     record = None
     if folder is not None:
         record = run_record(method=method, method_config=cfg, ipc=ipc, seed=seed, iterations=iters, real=real,
-                            data_options=data_options, info={"device": str(dev), **(info or {})})
+                            data_options=data_options, info={"device": str(dev), "speed": speed, **(info or {})})
         if resume:
             record = check_resume(folder.path, record)  # refuses other settings before any setup work
         else:

@@ -32,3 +32,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    """The parity tests' device: CPU always, CUDA where one is present (skipped elsewhere)."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)

@@ -169,6 +169,8 @@ def test_compiled_reading_equals_the_eager_one_and_follows_the_network(digits):
     net = readers["off"].new_network(digits, make_generator(1, "net")).train()
     for _ in range(2):
         got = readers["on"].real_accuracy(net, digits, make_generator(2, "read"))
+        if not readers["on"].reader._compiled.enabled:
+            pytest.skip("torch.compile does not work on this machine: nothing compiled to compare")
         want = readers["off"].real_accuracy(net, digits, make_generator(2, "read"))
         assert got == pytest.approx(want, abs=1e-9)
         assert net.training  # the reading restores the mode

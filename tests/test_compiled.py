@@ -91,3 +91,14 @@ def test_chunked_forward_is_the_same_function_and_skips_batchnorm():
     compiled = forward_of(net, compiled=True, chunk=3)  # chunks of the compiled forward (not called here)
     assert isinstance(compiled, ChunkedForward) and isinstance(compiled.fn, CompiledOrEager)
     assert isinstance(forward_of(bn, compiled=True, chunk=3), CompiledOrEager)
+
+
+def test_a_planned_run_decides_compilation_not_the_method_default_budget():
+    """The engine states the run's length (plan_run); a method's config.iterations is only the fallback."""
+    per_iteration = COMPILE_MIN_PIXEL_STEPS / 100
+    speed = SpeedLayer("auto", CPU)
+    assert speed.compiles_run(per_iteration, torch.float32, default_iterations=20000)
+    speed.plan_run(30)
+    assert not speed.compiles_run(per_iteration, torch.float32, default_iterations=20000)
+    speed.plan_run(100)
+    assert speed.compiles_run(per_iteration, torch.float32, default_iterations=1)

@@ -26,36 +26,17 @@ from ddkit.methods.dc import (
 )
 from ddkit.methods.common import sample_class_params, sample_per_class
 from ddkit.synthetic import SyntheticSet
-
-
+from reference import official_dc_matching_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _official_match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """``utils.py::match_loss``/``distance_wb`` for one class, as in the official code."""
-    if metric == "ours":
-        total = torch.zeros((), dtype=gw_real[0].dtype)
-        for gwr, gws in zip(gw_real, gw_syn):
-            if gwr.dim() == 1:
-                continue  # 1-D: distance 0
-            gwr, gws = gwr.reshape(gwr.shape[0], -1), gws.reshape(gws.shape[0], -1)
-            total = total + torch.sum(1 - torch.sum(gwr * gws, dim=-1)
-                                      / (torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + 0.000001))
-        return total
-    real = torch.cat([g.reshape(-1) for g in gw_real])
-    syn = torch.cat([g.reshape(-1) for g in gw_syn])
-    if metric == "mse":
-        return torch.sum((syn - real) ** 2)
-    return 1 - torch.sum(real * syn, dim=-1) / (torch.norm(real, dim=-1) * torch.norm(syn, dim=-1) + 0.000001)
-
-
 class FixedSpeed(SpeedLayer):
-    """A CPU speed layer whose per-class gradient formulation, chunk and training forward are fixed by the test
-    (the real speed layer picks them by device and measurement)."""
+    """A speed layer whose per-class gradient formulation, chunk and training forward are fixed by the test (the
+    real speed layer picks them by device and measurement)."""
 
-    def __init__(self, modes: tuple[str, str] | None = None, chunk: int | None = None) -> None:
-        super().__init__("auto", "cpu", compile=False)
+    def __init__(self, modes: tuple[str, str] | None = None, chunk: int | None = None, device="cpu") -> None:
+        super().__init__("auto", device, compile=False)
         self.modes, self.chunk = modes, chunk
 
     def grad_modes(self, syn_per_class: int) -> tuple[str, str]:
@@ -72,27 +53,6 @@ def _syn(real, ipc: int, seed: int = 0, init: str = "real", dtype=torch.float32)
     return SyntheticSet.from_real(real, ipc, make_generator(seed, "init"), init=init).to(dtype)
 
 
-def _official_matching_loss(d: DCDistiller, net, real, syn: SyntheticSet, generator, metric: str) -> torch.Tensor:
-    """``main.py``'s per-class loop (with ``DiffAugment`` per class for DSA), fed with the distiller's draws."""
-    cfg = d.config
-    batch = sample_per_class(real, cfg.batch_real, generator, d.device)
-    params = sample_class_params(d.aug, real.num_classes, generator, d.device)
-    weights = list(net.parameters())
-    loss = torch.zeros((), dtype=syn.images.dtype)
-    for c in range(real.num_classes):
-        img_real = batch.images[batch.row_class == c].to(syn.images.dtype)
-        img_syn = syn.images[syn.class_slice(c)]
-        if params[c]:
-            img_real = d.aug.apply(img_real, params[c])
-            img_syn = d.aug.apply(img_syn, params[c])
-        lab_real = torch.full((img_real.shape[0],), c, dtype=torch.long)
-        gw_real = [g.detach().clone() for g in torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), weights)]
-        lab_syn = torch.full((img_syn.shape[0],), c, dtype=torch.long)
-        gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), weights, create_graph=True)
-        loss = loss + _official_match_loss(list(gw_syn), gw_real, metric)
-    return loss
-
-
 @pytest.mark.parametrize(
     "cls, mode, metric, chunk",
     [
@@ -101,16 +61,17 @@ def _official_matching_loss(d: DCDistiller, net, real, syn: SyntheticSet, genera
         (DCDistiller, "batched", "mse", 13),  # vmap on both sides, real side in chunks
     ],
 )
-def test_matching_loss_and_image_gradient_equal_the_official_loop(digits, cls, mode, metric, chunk):
+def test_matching_loss_and_image_gradient_equal_the_official_loop(digits, cls, mode, metric, chunk, device):
     config = cls.Config(model="convnet_w32", batch_real=4, distance=metric)
-    syn = _syn(digits, 2, dtype=torch.float64)
-    d = cls(config)
-    d.speed = FixedSpeed(None if mode == "auto" else (mode, mode), chunk)
+    digits = digits.to(device)
+    syn = _syn(digits, 2, dtype=torch.float64).to(device)
+    d = cls(config, device=device)
+    d.speed = FixedSpeed(None if mode == "auto" else (mode, mode), chunk, device)
     d.setup(digits, syn, make_generator(0, "setup"))
     net = d.new_network(digits, make_generator(0, "net")).double()
     loss = d.matching_loss(net, digits, syn, make_generator(3, "draw"))
     (grad,) = torch.autograd.grad(loss, syn.images)
-    ref = _official_matching_loss(d, net, digits, syn, make_generator(3, "draw"), metric)
+    ref = official_dc_matching_loss(d, net, digits, syn, make_generator(3, "draw"), metric)
     (ref_grad,) = torch.autograd.grad(ref, syn.images)
     torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-10)
@@ -127,7 +88,7 @@ def test_real_side_through_the_module_forward_equals_the_official_loop(digits):
     net = d.new_network(digits, make_generator(0, "net")).double()
     loss = d.matching_loss(net, digits, syn, make_generator(3, "draw"), real_forward=ChunkedForward(net, 4))
     (grad,) = torch.autograd.grad(loss, syn.images)
-    ref = _official_matching_loss(d, net, digits, syn, make_generator(3, "draw"), "ours")
+    ref = official_dc_matching_loss(d, net, digits, syn, make_generator(3, "draw"), "ours")
     (ref_grad,) = torch.autograd.grad(ref, syn.images)
     torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-7, atol=1e-10)

@@ -19,6 +19,7 @@ from ddkit.methods.dm import (
     sample_per_class,
 )
 from ddkit.synthetic import SyntheticSet
+from reference import official_dm_loss  # noqa: E402
 
 
 def _syn(real, ipc: int, seed: int = 0, init: str = "real", dtype=torch.float32) -> SyntheticSet:
@@ -26,37 +27,19 @@ def _syn(real, ipc: int, seed: int = 0, init: str = "real", dtype=torch.float32)
     return syn.to(dtype)
 
 
-def _official_loss(distiller: DMDistiller, real, syn: SyntheticSet, generator: torch.Generator) -> torch.Tensor:
-    """``main_DM.py``'s ConvNet branch, class by class, fed with the same draws as the distiller."""
-    cfg = distiller.config
-    net = frozen_embedder(distiller, real, generator, syn.images.dtype)
-    batch = sample_per_class(real, cfg.batch_real, generator, distiller.device)
-    params = sample_class_params(distiller.aug, real.num_classes, generator, distiller.device)
-    loss = torch.zeros((), dtype=syn.images.dtype)
-    for c in range(real.num_classes):
-        img_real = batch.images[batch.row_class == c].to(syn.images.dtype)
-        img_syn = syn.images[syn.class_slice(c)]
-        if params[c]:
-            img_real = distiller.aug.apply(img_real, params[c])
-            img_syn = distiller.aug.apply(img_syn, params[c])
-        output_real = net.features(img_real).detach()
-        output_syn = net.features(img_syn)
-        loss = loss + ((output_real.mean(0) - output_syn.mean(0)) ** 2).sum()
-    return loss
-
-
 @pytest.mark.parametrize("strategy", ["color_crop_cutout_scale_rotate", "none"])
-def test_batched_loss_and_gradient_equal_the_per_class_loop(digits, strategy):
+def test_batched_loss_and_gradient_equal_the_per_class_loop(digits, strategy, device):
     """Instance norm: one batched forward (chunked real branch) == the official per-class forwards, float64."""
     config = DMConfig(batch_real=40, dsa_strategy=strategy)
-    syn = _syn(digits, 3, dtype=torch.float64)
-    ours = DMDistiller(config)
+    digits = digits.to(device)
+    syn = _syn(digits, 3, dtype=torch.float64).to(device)
+    ours = DMDistiller(config, device=device)
     ours.setup(digits, syn, make_generator(0, "setup"))
     g1, g2 = make_generator(5, "draw"), make_generator(5, "draw")
 
     loss, _ = ours.loss(1, digits, syn, g1)
     (grad,) = torch.autograd.grad(loss, syn.images)
-    ref = _official_loss(ours, digits, syn, g2)
+    ref = official_dm_loss(ours, digits, syn, g2)
     (ref_grad,) = torch.autograd.grad(ref, syn.images)
 
     assert loss.dtype == torch.float64
@@ -124,6 +107,8 @@ def test_compiled_embedder_matches_eager(digits):
             grads.append(torch.autograd.grad(loss, syn.images)[0])
             means.append(d.draw(digits, syn, make_generator(5)).real_means)
         results.append((torch.stack(means), torch.stack(grads)))
+        if mode == "on" and not (d.encoder.enabled and d.encoder._compiled is not None and d.encoder._compiled.enabled):
+            pytest.skip("torch.compile does not work on this machine: nothing compiled to compare")
     for got, want in zip(results[1], results[0]):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
@@ -160,7 +145,6 @@ def test_dm_learns_on_digits(digits):
     syn = _syn(digits, 1, seed=0, init="real")
     before = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     d = create_distiller("dm", dataset="digits", ipc=1)
-    d.config.iterations = 30  # the run's length: the speed layer keeps a run this short eager
     distill(d, digits, syn, iterations=30, seed=0)
     after = evaluate(syn, digits, protocol, seed=0).summary()["convnet"]["mean"]
     assert after - before > 10.0, (before, after)

@@ -19,6 +19,7 @@ from ddkit.functional.pergrad import (
     split_parameters,
 )
 from ddkit.models import create_model
+from reference import official_class_loop, official_distance_wb, official_match_loss  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,44 +36,6 @@ def _net(norm: str, seed: int = 0) -> torch.nn.Module:
             net(torch.randn(32, 1, 8, 8, dtype=torch.float64))
         net.eval()
     return net
-
-
-def _official_distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
-    """``utils.py::distance_wb`` written out as in the official code (one class)."""
-    shape = gwr.shape
-    if len(shape) == 4:
-        gwr = gwr.reshape(shape[0], shape[1] * shape[2] * shape[3])
-        gws = gws.reshape(shape[0], shape[1] * shape[2] * shape[3])
-    elif len(shape) == 3:
-        gwr = gwr.reshape(shape[0], shape[1] * shape[2])
-        gws = gws.reshape(shape[0], shape[1] * shape[2])
-    elif len(shape) == 1:
-        return torch.tensor(0, dtype=gwr.dtype)
-    return torch.sum(1 - torch.sum(gwr * gws, dim=-1) / (torch.norm(gwr, dim=-1) * torch.norm(gws, dim=-1) + 0.000001))
-
-
-def _official_match_loss(gw_syn: list[torch.Tensor], gw_real: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """``utils.py::match_loss`` (one class)."""
-    if metric == "ours":
-        return sum(_official_distance_wb(r, s) for r, s in zip(gw_real, gw_syn))
-    real = torch.cat([g.reshape(-1) for g in gw_real])
-    syn = torch.cat([g.reshape(-1) for g in gw_syn])
-    if metric == "mse":
-        return torch.sum((syn - real) ** 2)
-    return 1 - torch.sum(real * syn, dim=-1) / (torch.norm(real, dim=-1) * torch.norm(syn, dim=-1) + 0.000001)
-
-
-def _official_total(net, real: list[torch.Tensor], syn: list[torch.Tensor], metric: str) -> torch.Tensor:
-    """main.py's matching loop: per class, grads of real (detached) and synthetic (with graph), summed loss."""
-    params = list(net.parameters())
-    loss = torch.zeros((), dtype=torch.float64)
-    for c, (xr, xs) in enumerate(zip(real, syn)):
-        lab_r = torch.full((xr.shape[0],), c, dtype=torch.long)
-        gw_real = [g.detach().clone() for g in torch.autograd.grad(F.cross_entropy(net(xr), lab_r), params)]
-        lab_s = torch.full((xs.shape[0],), c, dtype=torch.long)
-        gw_syn = torch.autograd.grad(F.cross_entropy(net(xs), lab_s), params, create_graph=True)
-        loss = loss + _official_match_loss(list(gw_syn), gw_real, metric)
-    return loss
 
 
 @pytest.mark.parametrize("norm", ["instancenorm", "groupnorm", "none", "batchnorm"])
@@ -99,7 +62,7 @@ def test_batched_grads_loss_and_image_gradient_equal_the_official_loop(norm, met
     for name in diff:
         torch.testing.assert_close(g_real[name], ref_real[name], rtol=1e-10, atol=1e-12)
     xs_ref = xs0.clone().requires_grad_(True)
-    ref_loss = _official_total(net, list(xr), list(xs_ref), metric)
+    ref_loss = official_class_loop(net, list(xr), list(xs_ref), metric)
     (ref_img_grad,) = torch.autograd.grad(ref_loss, xs_ref)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(img_grad, ref_img_grad, rtol=1e-8, atol=1e-12)
@@ -122,7 +85,7 @@ def test_loop_formulation_equals_naive_and_handles_layernorm():
     loss = match_distance(g_real, g_syn, "ours")
     (img_grad,) = torch.autograd.grad(loss, xs)
     xs_ref = xs0.clone().requires_grad_(True)
-    ref_loss = _official_total(net, list(xr), list(xs_ref), "ours")
+    ref_loss = official_class_loop(net, list(xr), list(xs_ref), "ours")
     (ref_img_grad,) = torch.autograd.grad(ref_loss, xs_ref)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(img_grad, ref_img_grad, rtol=1e-8, atol=1e-12)
@@ -178,7 +141,7 @@ def test_distances_equal_the_official_match_loss_summed_over_classes(metric):
     real = [torch.randn(3, *s, generator=g, dtype=torch.float64) for s in shapes]
     syn = [torch.randn(3, *s, generator=g, dtype=torch.float64) for s in shapes]
     ours = match_distance(real, syn, metric)
-    ref = sum(_official_match_loss([s[c] for s in syn], [r[c] for r in real], metric) for c in range(3))
+    ref = sum(official_match_loss([s[c] for s in syn], [r[c] for r in real], metric) for c in range(3))
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 

@@ -68,6 +68,8 @@ class SpeedLayer:
         self.mode = check_speed(mode)
         self.device = torch.device(device)
         self.compile_override = compile
+        #: iterations of the distillation run this layer serves (the engine's :meth:`plan_run`); None outside one
+        self.run_iterations: int | None = None
 
     def __repr__(self) -> str:
         return f"SpeedLayer(mode={self.mode!r}, device={str(self.device)!r}, levers={self.levers})"
@@ -81,6 +83,17 @@ class SpeedLayer:
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` with the device's module swaps done (the patch-statistics first stage on CPU) or undone."""
         return patchnorm.install(net) if self.levers else patchnorm.uninstall(net)
+
+    def plan_run(self, iterations: int) -> None:
+        """The engine states the length of the run before the method's ``setup``, so :meth:`compiles_run` can
+        weigh a compile against the whole run (a method's ``config.iterations`` is only its default budget)."""
+        self.run_iterations = int(iterations)
+
+    def compiles_run(self, pixels_per_iteration: float, dtype: torch.dtype, default_iterations: int) -> bool:
+        """:meth:`compiles` for a distillation run that pushes ``pixels_per_iteration`` input pixels through its
+        network per iteration, over the planned run (``default_iterations`` when no run was planned)."""
+        iterations = default_iterations if self.run_iterations is None else self.run_iterations
+        return self.compiles(pixels_per_iteration * iterations, dtype)
 
     def compiles(self, pixel_steps: float, dtype: torch.dtype = torch.float32) -> bool:
         """Whether a run pushing ``pixel_steps`` input pixels through a network function compiles it."""

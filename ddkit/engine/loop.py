@@ -41,6 +41,8 @@ def distill(
     syn.to(device)
     real = real.to(device)
     generator = make_generator(seed, "distill")
+    # the speed layer decides what pays off for a run of this length (compilation); methods never size that
+    distiller.speed.plan_run(iterations)
     distiller.setup(real, syn, generator)
     start_it = 0
     if resume:

@@ -189,8 +189,9 @@ class CAFEDistiller(Distiller):
         super().setup(real, syn, generator)
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name) if cfg.dsa else DSA.from_strategy(None)
         # the work of a run: at least one real batch forward per outer iteration
-        pixels = cfg.iterations * cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
-        self.reader = self.speed.embedder(self.speed.compiles(pixels, syn.images.dtype), entry="forward")
+        pixels = cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
+        self.reader = self.speed.embedder(self.speed.compiles_run(pixels, syn.images.dtype, cfg.iterations),
+                                          entry="forward")
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
         self._syn_labels = hard.to(self.device)

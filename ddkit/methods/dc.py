@@ -246,11 +246,11 @@ class DCDistiller(Distiller):
 
     def compiled(self, real: RealData, syn: SyntheticSet) -> bool:
         """Whether this run compiles its first-order network passes (the speed layer's rule, from the real images
-        a run pushes through the network: ``iterations x outer_loop x batch_real x classes``).  The synthetic side
+        an iteration pushes through the network: ``outer_loop x batch_real x classes``).  The synthetic side
         (double backward) always runs eagerly."""
         cfg: DCConfig = self.config  # type: ignore[assignment]
-        pixels = cfg.iterations * self.loops[0] * cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
-        return self.speed.compiles(pixels, syn.images.dtype)
+        pixels = self.loops[0] * cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
+        return self.speed.compiles_run(pixels, syn.images.dtype, cfg.iterations)
 
     def matching_loss(self, net: nn.Module, real: RealData, syn: SyntheticSet, generator: torch.Generator, *,
                       real_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:

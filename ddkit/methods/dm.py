@@ -117,7 +117,7 @@ class DMDistiller(Distiller):
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
         pixels = real.image_size[0] * real.image_size[1]
         per_iteration = (cfg.batch_real * real.num_classes + syn.images.shape[0]) * pixels
-        self.compiled = self.speed.compiles(cfg.iterations * per_iteration, syn.images.dtype)
+        self.compiled = self.speed.compiles_run(per_iteration, syn.images.dtype, cfg.iterations)
         self.encoder = self.speed.embedder(self.compiled)
         hard = syn.hard_labels().long()
         self._syn_row_class = hard.cpu()
