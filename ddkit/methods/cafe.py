@@ -52,7 +52,8 @@ from ..evaluation.train import classification_loss, train_model
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
-from .common import ClassBatch, Params, augment_by_class, class_means, resolve_dsa, sample_class_params, sample_per_class
+from .common import (ClassBatch, Params, augment_by_class, class_mean_accuracy, class_means, class_rows, resolve_dsa, sample_class_params,
+                     sample_per_class)
 
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclass
@@ -192,9 +193,7 @@ class CAFEDistiller(Distiller):
         pixels = cfg.batch_real * real.num_classes * real.image_size[0] * real.image_size[1]
         self.reader = self.speed.embedder(self.speed.compiles_run(pixels, syn.images.dtype, cfg.iterations),
                                           entry="forward")
-        hard = syn.hard_labels().long()
-        self._syn_row_class = hard.cpu()
-        self._syn_labels = hard.to(self.device)
+        self._syn_labels, self._syn_row_class = class_rows(syn.hard_labels(), self.device)
 
     # ------------------------------------------------------------------ one outer iteration
     def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
@@ -325,17 +324,10 @@ class CAFEDistiller(Distiller):
         was_training = net.training
         net.eval()
         forward = self.reader.bind(net)  # net itself, or a compiled copy holding its current state and mode
-        correct = torch.zeros(real.num_classes, device=self.device)
-        total = batch.images.shape[0]
         chunk = self.speed.no_grad_chunk(tuple(batch.images.shape), net, self.reader.enabled)
-        dtype = next(net.parameters()).dtype
-        for start in range(0, total, chunk):
-            labels = batch.labels[start:start + chunk]
-            pred = forward(batch.images[start:start + chunk].to(dtype)).argmax(1)
-            correct.index_add_(0, labels, (pred == labels).to(correct.dtype))
+        accuracy = class_mean_accuracy(forward, batch, real.num_classes, chunk, next(net.parameters()).dtype)
         net.train(was_training)
-        counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)
-        return float((correct / counts).mean())
+        return accuracy
 
 
 def _item(value: Tensor | float) -> float:

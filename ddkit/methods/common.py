@@ -6,6 +6,7 @@ not import each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,6 +26,13 @@ class ClassBatch:
     labels: Tensor
     row_class: Tensor
     counts: Tensor  # [K] images per class (CPU)
+
+
+def class_rows(labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(labels on device, class of each row on CPU)`` for hard (or soft, by argmax) labels: the device copy
+    indexes features, the CPU copy groups rows without synchronising with an accelerator."""
+    hard = (labels.argmax(1) if labels.is_floating_point() and labels.dim() == 2 else labels).long()
+    return hard.to(device), hard.cpu()
 
 
 def sample_per_class(real: RealData, n: int, generator: torch.Generator, device: torch.device) -> ClassBatch:
@@ -138,3 +146,16 @@ def blocks(images: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor,
         return images.view(num_classes, n, *images.shape[1:]), w
     pieces = [images[torch.nonzero(row_class == c).flatten().to(images.device)] for c in range(num_classes)]
     return pad_classes(pieces)
+
+
+@torch.no_grad()
+def class_mean_accuracy(forward: Callable[[Tensor], Tensor], batch: ClassBatch, num_classes: int, chunk: int,
+                        dtype: torch.dtype) -> float:
+    """Mean over classes of the accuracy of ``forward`` (logits) on ``batch``, in chunks of ``chunk`` rows."""
+    correct = torch.zeros(num_classes, device=batch.labels.device)
+    for start in range(0, batch.images.shape[0], chunk):
+        labels = batch.labels[start:start + chunk]
+        pred = forward(batch.images[start:start + chunk].to(dtype)).argmax(1)
+        correct.index_add_(0, labels, (pred == labels).to(correct.dtype))
+    counts = batch.counts.clamp_min(1).to(correct.device, correct.dtype)
+    return float((correct / counts).mean())

@@ -60,7 +60,7 @@ from ..functional.pergrad import (
 from ..registry import METHODS
 from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
-from .common import augment_by_class, blocks, resolve_dsa, sample_class_params, sample_per_class
+from .common import augment_by_class, blocks, class_rows, resolve_dsa, sample_class_params, sample_per_class
 
 #: ``get_loops`` (utils.py): IPC -> (outer_loop, inner_loop), "empirically good" values of the authors.
 OFFICIAL_LOOPS: dict[int, tuple[int, int]] = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15),
@@ -202,7 +202,7 @@ class DCDistiller(Distiller):
         self.aug = resolve_dsa(cfg.dsa_strategy, real.name)
         outer, inner = dc_loops(syn.ipc)
         self.loops = (cfg.outer_loop or outer, cfg.inner_loop or inner)
-        self._syn_row_class = syn.hard_labels().long().cpu()
+        _, self._syn_row_class = class_rows(syn.hard_labels(), self.device)
 
     @staticmethod
     def _validate(cfg: DCConfig, syn: SyntheticSet) -> None:

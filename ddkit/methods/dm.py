@@ -35,6 +35,7 @@ from ..synthetic import SyntheticSet
 from .base import DistillConfig, Distiller
 from .common import (
     ClassBatch,
+    class_rows,
     Params,
     augment_by_class,
     class_means,
@@ -119,9 +120,7 @@ class DMDistiller(Distiller):
         per_iteration = (cfg.batch_real * real.num_classes + syn.images.shape[0]) * pixels
         self.compiled = self.speed.compiles_run(per_iteration, syn.images.dtype, cfg.iterations)
         self.encoder = self.speed.embedder(self.compiled)
-        hard = syn.hard_labels().long()
-        self._syn_row_class = hard.cpu()
-        self._syn_labels = hard.to(self.device)
+        self._syn_labels, self._syn_row_class = class_rows(syn.hard_labels(), self.device)
 
     # ------------------------------------------------------------------ the objective
     def draw(self, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> _Draw:
