@@ -70,8 +70,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--json", help="write the results as JSON to this file")
-    p.add_argument("--log", help="append each finished run to this JSON-lines file (default: evaluations.jsonl in "
-                                 "the set's folder; --full logs only with --log)")
+    p.add_argument("--log", "--eval-log", dest="log",  # --eval-log: torchrun takes --log for its --log-dir
+                   help="append each finished run to this JSON-lines file (default: evaluations.jsonl in "
+                        "the set's folder; --full logs only with --log)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its log")
     p.add_argument("--full", action="store_true", help="train on the whole real training set (upper bound)")
     p.add_argument("--dataset", help="with --full: the dataset")
@@ -170,6 +171,7 @@ def cmd_distill(args) -> int:
 def cmd_evaluate(args) -> int:
     import json as _json
 
+    from . import distributed
     from .api import load_real_for, resolve_device, write_json
     from .data import load_dataset
     from .evaluation import EvalProtocol, evaluate, evaluate_tensors
@@ -206,9 +208,11 @@ def cmd_evaluate(args) -> int:
             return None
         log = ResultLog(path, evaluation_key(set_digest=digest, protocol=protocol.to_json(), seed=args.seed,
                                              data=data_identity(real), device=device.type))
-        log.start(resume=args.resume, describe={"set": str(args.path or "whole-dataset"), "models": list(protocol.models),
-                                                "runs": protocol.runs, "seed": args.seed})
-        return log
+        # under torchrun rank 0 alone keeps the log; its errors (e.g. nothing to --resume) reach every rank
+        distributed.run_on_main(lambda: log.start(resume=args.resume, describe={
+            "set": str(args.path or "whole-dataset"), "models": list(protocol.models), "runs": protocol.runs,
+            "seed": args.seed}) and None)
+        return log if distributed.is_main() else None
 
     total = len(protocol.models) * protocol.runs
 
@@ -228,6 +232,8 @@ def cmd_evaluate(args) -> int:
         log = open_log(args.log or default_log_path(args.path), tensor_digest(syn.tensors()), real)
         report = run_logged(log, lambda done, row_done: evaluate(
             syn, real, protocol, seed=args.seed, device=device, on_row=row_done, done=done), total=total, on_row=on_row)
+    if not distributed.is_main():
+        return 0  # rank 0 prints and writes the gathered report
     print(report.to_markdown())
     if args.json:
         result = report.to_json()
@@ -262,7 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts,
                 "show": cmd_show, "export": cmd_export}
-    return run_command(args.command, lambda: handlers[args.command](args))
+    return run_command(args.command, lambda: in_session(lambda: handlers[args.command](args)))
+
+
+def in_session(handler) -> int:
+    """Run ``handler`` inside torchrun's process group when started by torchrun (``ddkit.distributed``; nothing
+    is initialised otherwise)."""
+    from . import distributed
+
+    with distributed.session():
+        return handler()
 
 
 def console_main() -> int:

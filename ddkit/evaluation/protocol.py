@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
@@ -284,19 +285,29 @@ def evaluate_tensors(
     report = Report(protocol=protocol.to_json())
     use_lr = protocol.lr if lr is None else lr
     report.protocol["lr_used"] = use_lr
-    finished = {(r.model, int(r.run)): r for r in done}
-    for model_name in protocol.models:
-        for run in range(protocol.runs):
-            if (model_name, run) in finished:
-                report.add(finished[(model_name, run)])
-                continue
+    # under torchrun the runs are dealt over the ranks (distributed.py) and gathered after every round; run i is
+    # seeded by (model, run), never by the rank, so the report equals a single-process one; rank 0 holds the log
+    finished = {(r.model, int(r.run)): r for r in distributed.broadcast_object(list(done))}
+    todo = [(m, run) for m in protocol.models for run in range(protocol.runs) if (m, run) not in finished]
+    world, me = distributed.world_size(), distributed.rank()
+    for first in range(0, len(todo), world):
+        turn = todo[first:first + world]
+        row = None
+        if me < len(turn):
+            model_name, run = turn[me]
             gen = make_generator(seed, "eval", model_name, run)
             start = time.perf_counter()
             acc = train_and_test(model_name, images, labels, real, protocol, gen, use_lr, device)
             row = Row(method, real.name, ipc, model_name, run, seed, acc, time.perf_counter() - start, peak_rss_mib())
-            report.add(row)
-            if on_row is not None:
-                on_row(row)
+        for got in (distributed.all_gather_objects(row) if world > 1 else [row]):
+            if got is None:
+                continue
+            finished[(got.model, int(got.run))] = got
+            if on_row is not None and distributed.is_main():
+                on_row(got)
+    for model_name in protocol.models:
+        for run in range(protocol.runs):
+            report.add(finished[(model_name, run)])
     return report
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from typing import Any
 
+from .. import distributed
 from ..config import DataConfig, _type_hints, _unknown, coerce, parse_set
 from .train import ExpertConfig, train_experts
 
@@ -50,6 +51,8 @@ def run(args: Any) -> int:
 
     store = train_experts(real, config, args.out, args.num_experts, seed=args.seed, device=device,
                           resume=bool(args.resume), log=None if args.quiet else log)
+    if not distributed.is_main():
+        return 0  # under torchrun rank 0 reports the store
     accs = [store.info(i)["test_accuracy"] for i in store.experts()]
     mean = sum(accs) / len(accs)
     print(f"{args.out}: {len(accs)} experts ({config.model}, {real.name}, {config.epochs} epochs, {config.optimizer}); "

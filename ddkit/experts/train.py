@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
 from ..errors import ConfigError
@@ -204,11 +205,13 @@ def train_experts(real: RealData, config: ExpertConfig, out: str | Path, num_exp
     """Make sure experts ``0..num_experts-1`` exist in the store at ``out`` (training the missing ones)."""
     if num_experts < 1:
         raise ConfigError(f"--num-experts must be >= 1, got {num_experts}")
-    store = open_or_create(out, real, config, seed, resume=resume, model_options=model_options)
-    done = set(store.experts())
-    for index in range(num_experts):
-        if index in done:
-            continue
+    # under torchrun (ddkit/distributed.py) rank 0 creates or checks the store, then the missing experts are dealt
+    # over the ranks; each expert is seeded by its index and written as its own atomic shard, so the store is the
+    # one a single process writes, and experts of a rank that crashed are simply missing for --resume
+    store = distributed.run_on_main(
+        lambda: open_or_create(out, real, config, seed, resume=resume, model_options=model_options))
+    done = set(distributed.broadcast_object(store.experts()))
+    for index in distributed.shard([i for i in range(num_experts) if i not in done]):
         start = time.perf_counter()
 
         def on_epoch(epoch: int, acc: float | None, index: int = index) -> None:
@@ -220,4 +223,5 @@ def train_experts(real: RealData, config: ExpertConfig, out: str | Path, num_exp
                                         on_epoch=on_epoch)
         info["config"] = asdict(config)
         store.write_expert(index, trajectory, info)
+    distributed.barrier()  # every rank's shards are on disk before anyone reads the store
     return store
