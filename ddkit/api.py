@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import RunConfig, apply_setting, to_yaml_dict, yaml_dump
 from .data import load_dataset
 from .data.preprocess import Preprocess
@@ -95,8 +96,9 @@ def distill(
                         speed=speed)
     folder = RunFolder(out_dir)
     folder.check_start(resume=resume, overwrite=overwrite)
-    with folder.lock():
-        folder.check_start(resume=resume, overwrite=overwrite)  # again, now that no other process can interfere
+    with main_lock(folder):
+        if distributed.is_main():
+            folder.check_start(resume=resume, overwrite=overwrite)  # again, now that no other process can interfere
         return _distill(real, method, cfg, ipc, iterations, seed, dev, folder, resume, callbacks, checkpoint_every,
                         speed=speed)
 
@@ -181,16 +183,25 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
         callbacks.append(PeriodicEval(cfg.engine.eval_every, protocol, logger, device=str(dev)))
     data_options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}
     info = {"data.root": cfg.data.root}
-    with folder.lock():
-        folder.check_start(resume=resume, overwrite=overwrite)
+    with main_lock(folder):
+        if distributed.is_main():
+            folder.check_start(resume=resume, overwrite=overwrite)
         syn = _distill(real, cfg.method, mcfg, cfg.ipc, cfg.iterations, cfg.seed, dev, folder, resume, callbacks,
                        cfg.engine.checkpoint_every, data_options, info, speed=cfg.speed)
         syn.meta["data"] = dataclasses.asdict(cfg.data)
         for key in ("resized", "resized_to"):  # an image folder's resize is part of what the set was made from
             if key in real.info:
                 syn.meta["data"][key] = real.info[key]
-        syn.save(out)
+        if distributed.is_main():  # under torchrun rank 0 alone writes the set (every rank holds the same one)
+            syn.save(out)
     return syn
+
+
+def main_lock(folder: RunFolder):
+    """The run folder's lock, held by rank 0 alone under torchrun (the other ranks write nothing there)."""
+    import contextlib
+
+    return folder.lock() if distributed.is_main() else contextlib.nullcontext()
 
 
 def load_real_for(syn: SyntheticSet, root: str | None = None) -> RealData:

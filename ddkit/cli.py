@@ -163,6 +163,10 @@ def cmd_distill(args) -> int:
     cfg = resolve_run_config(args)
     out = Path(args.out)
     syn = run_from_config(cfg, out, resume=args.resume, overwrite=args.overwrite)  # run-folder rules: runfolder.py
+    from . import distributed
+
+    if not distributed.is_main():
+        return 0  # under torchrun rank 0 wrote the set
     print(f"wrote {out / 'synset.safetensors'} ({len(syn)} images, {cfg.method}, {cfg.dataset}, ipc {cfg.ipc}, "
           f"{cfg.iterations} iterations) and {out / 'grid.png'}")
     return 0

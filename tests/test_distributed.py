@@ -115,3 +115,26 @@ def test_experts_two_ranks_fill_the_store_one_process_writes(tmp_path, one_threa
     for name in one:
         assert one[name].keys() == two[name].keys()
         assert all(torch.equal(one[name][k], two[name][k]) for k in one[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ DM distill
+def test_dm_two_ranks_resumed_equal_one_process_up_to_float_order(digits, tmp_path, one_thread):
+    from ddkit.engine.seeding import make_generator
+    from ddkit.synthetic import SyntheticSet
+
+    flags = ["--method", "dm", "--dataset", "digits", "--ipc", "2", "--no-progress", "--device", "cpu",
+             "--set", "speed=plain", "--set", "method.batch_real=32"]
+    assert main(["distill", *flags, "--iterations", "4", "--out", str(tmp_path / "one")]) == 0
+    # two ranks, stopped after 2 iterations and resumed to 4: rank 0 wrote the checkpoint both ranks resume from
+    ok(torchrun("distill", *flags, "--iterations", "2", "--out", str(tmp_path / "two"), cwd=tmp_path))
+    proc = ok(torchrun("distill", *flags, "--iterations", "4", "--out", str(tmp_path / "two"), "--resume",
+                       cwd=tmp_path))
+    assert proc.stdout.count("wrote") == 1
+    one, two = SyntheticSet.load(tmp_path / "one"), SyntheticSet.load(tmp_path / "two")
+    start = SyntheticSet.from_real(digits, 2, make_generator(0, "init"), init="real")
+    assert start.images.shape == one.images.shape and not torch.allclose(one.images, start.images)  # it moved
+    torch.testing.assert_close(two.images, one.images, rtol=1e-5, atol=1e-5)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]
+    assert len(losses[1]) == 4  # the resumed run appended iterations 3 and 4 to the log of 1 and 2
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

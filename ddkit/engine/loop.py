@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .. import distributed
 from ..errors import DivergenceError
 from .callbacks import Callback, RunState, is_finite
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, restore, save_checkpoint
@@ -50,6 +51,14 @@ def distill(
         start_it = restore(state, syn=syn, distiller=distiller, generator=generator)
     if distiller.selects_only:
         iterations = 0
+    # under torchrun (ddkit/distributed.py) every rank runs the loop on the same set with the same generator (the
+    # sharding methods all-reduce their gradients, so the ranks stay identical); rank 0 alone runs the callbacks
+    # (logs, grids, evaluation, run-folder files) and writes checkpoints, after every rank has set up and read
+    # any checkpoint it resumes from
+    main = distributed.is_main()
+    if not main:
+        callbacks = ()
+    distributed.barrier()
     run = RunState(start_it, iterations, start_it, {}, syn, real, seed, 0.0, distiller.name,
                    Path(checkpoint_dir) if checkpoint_dir else None)
     for cb in callbacks:
@@ -81,14 +90,14 @@ def distill(
         run.iteration, run.metrics, run.elapsed = it, metrics, time.perf_counter() - t0
         for cb in callbacks:
             cb.on_iteration_end(run)
-        if checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
+        if main and checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
             save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator,
                             run_record=run_record)
             last_good = it
     run.elapsed = time.perf_counter() - t0
     for cb in callbacks:
         cb.on_end(run)
-    if checkpoint_dir is not None and iterations > start_it:
+    if main and checkpoint_dir is not None and iterations > start_it:
         save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator,
                         run_record=run_record)
     return syn

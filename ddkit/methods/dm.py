@@ -28,6 +28,8 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
+from ..accel.compiled import has_batchnorm
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..registry import METHODS
@@ -86,6 +88,8 @@ class _Draw:
     params: list[Params]
     #: ``net.features``, or the speed layer's compiled forward bound to ``net``'s parameters (both branches use it)
     features: Callable[[Tensor], Tensor]
+    #: the classes this process matches under torchrun (``real_means`` holds only theirs); None: all of them
+    classes: list[int] | None = None
 
 
 class DMDistiller(Distiller):
@@ -134,8 +138,12 @@ class DMDistiller(Distiller):
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, real.num_classes, generator, self.device)
         features = self.encoder.bind(net)
-        real_means = self.real_feature_means(features, net, batch, params, real.num_classes, syn.images.dtype)
-        return _Draw(net, real_means, params, features)
+        classes = classes_here(net, real.num_classes)
+        if classes is not None:  # every rank drew the same numbers above; it embeds only its own classes
+            batch = class_subset(batch, classes)
+        real_means = (self.real_feature_means(features, net, batch, params, real.num_classes, syn.images.dtype)
+                      if batch.images.shape[0] else None)
+        return _Draw(net, real_means, params, features, classes)
 
     @torch.no_grad()
     def real_feature_means(self, features: Callable[[Tensor], Tensor], net: nn.Module, batch: ClassBatch,
@@ -167,20 +175,34 @@ class DMDistiller(Distiller):
     def loss(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         draw = self.draw(real, syn, generator)
         assert self._syn_labels is not None and self._syn_row_class is not None, "setup() must run first"
-        means = self.syn_means(draw, syn.images, self._syn_labels, self._syn_row_class, real.num_classes)
+        images, labels, row_class = syn.images, self._syn_labels, self._syn_row_class
+        if draw.classes is not None:  # torchrun: this rank's classes only (their terms are independent)
+            rows = torch.nonzero(torch.isin(row_class, torch.tensor(draw.classes, dtype=row_class.dtype))).flatten()
+            if draw.real_means is None or rows.numel() == 0:
+                return images.sum() * 0.0, {}  # no class here (more ranks than classes): a zero gradient
+            images, labels, row_class = images[rows.to(self.device)], labels[rows.to(labels.device)], row_class[rows]
+        assert draw.real_means is not None
+        means = self.syn_means(draw, images, labels, row_class, real.num_classes)
         loss = ((draw.real_means - means) ** 2).sum()
         # the official log prints the loss divided by the number of classes
         return loss, {"loss_per_class": float(loss.detach()) / real.num_classes}
 
     def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
         cfg: DMConfig = self.config  # type: ignore[assignment]
-        if not cfg.per_class_step:
-            return super().step(it, real, syn, generator)
+        if not cfg.per_class_step and not distributed.active():
+            return super().step(it, real, syn, generator)  # the single-process path
         assert self.optimizer is not None and self._syn_row_class is not None, "setup() must run first"
+        if not cfg.per_class_step:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, _ = self.loss(it, real, syn, generator)
+            loss.backward()
+            total = self.reduce_classes(syn, float(loss.detach()), sharded=True)
+            self.optimizer.step()
+            return {"loss": total, "loss_per_class": total / real.num_classes}
         draw = self.draw(real, syn, generator)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for c in range(real.num_classes):
+        for c in (range(real.num_classes) if draw.classes is None else draw.classes):
             rows = torch.nonzero(self._syn_row_class == c).flatten()
             if rows.numel() == 0:
                 continue
@@ -190,8 +212,40 @@ class DMDistiller(Distiller):
             loss_c = ((draw.real_means[c] - mean) ** 2).sum()
             loss_c.backward()  # frees this class's graph before the next class is built
             total += float(loss_c.detach())
+        total = self.reduce_classes(syn, total, sharded=draw.classes is not None)
         self.optimizer.step()
         return {"loss": total, "loss_per_class": total / real.num_classes}
+
+    @staticmethod
+    def reduce_classes(syn: SyntheticSet, loss: float, *, sharded: bool) -> float:
+        """Under torchrun: sum the ranks' image gradients and losses (each rank matched its own classes), so every
+        rank takes the single-process step; the loss is a sum over classes, so this is the same sum in another
+        order.  A rank whose images got no gradient contributes zeros."""
+        if not sharded or not distributed.active():
+            return loss
+        if syn.images.grad is None:
+            syn.images.grad = torch.zeros_like(syn.images)
+        distributed.all_reduce_sum_([syn.images.grad])
+        return distributed.all_reduce_sum(loss)
+
+
+def classes_here(net: nn.Module, num_classes: int) -> list[int] | None:
+    """The classes this process matches under torchrun (``class % world == rank``), or None for all of them: in a
+    single process, and with batch-norm embedders, whose batch statistics tie the classes together (every rank
+    then computes the whole, identical step)."""
+    if not distributed.active() or has_batchnorm(net):
+        return None
+    return [c for c in range(num_classes) if distributed.owned(c)]
+
+
+def class_subset(batch: ClassBatch, classes: list[int]) -> ClassBatch:
+    """The rows of ``batch`` that belong to ``classes`` (``counts`` stays per class, zero for the others)."""
+    keep = torch.isin(batch.row_class, torch.tensor(classes, dtype=batch.row_class.dtype))
+    rows = torch.nonzero(keep).flatten()
+    counts = batch.counts.clone()
+    counts[[c for c in range(counts.numel()) if c not in set(classes)]] = 0
+    return ClassBatch(batch.images[rows.to(batch.images.device)], batch.labels[rows.to(batch.labels.device)],
+                      batch.row_class[rows], counts)
 
 
 METHODS.register("dm", obj=DMDistiller)
