@@ -10,7 +10,11 @@ Subcommands (run every timing under ``flock /tmp/ddkit-bench.lock`` so benchmark
 ``speed`` and ``accuracy`` run in the current process and store one JSON file under ``benchmarks/_work/dc``;
 run each in a fresh process so that peak RSS belongs to one setting.  ``--variant naive`` is the official
 formulation (``main.py``: per class, a forward and backward of the real batch, then of the synthetic batch with
-a graph) inside ddkit, a same-machine baseline next to the reference figures of anchors.md section R.
+a graph) inside ddkit with plain modules (``speed="plain"``: ``Conv2d``/``GroupNorm``, eager, whole batches), a
+same-machine baseline next to the reference figures of anchors.md section R.  ``--variant fast`` is ddkit as
+``ddkit distill`` ships it (``speed=auto``) with compilation forced on, which is what the speed layer's rule
+decides for a full-budget CPU run (1000 outer iterations); ``--compile auto|off`` applies the rule to the
+config's ``iterations`` or turns it off.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .common import PAPER_ROWS, allocator_as_run, peak_rss_mib, save_json
+from .common import COMPILE_CHOICES, PAPER_ROWS, allocator_as_run, apply_overrides, ddkit_speed, peak_rss_mib, save_json
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dc"
@@ -52,18 +56,17 @@ def load_all() -> dict[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------------------ the baseline
 def naive_distiller(method: str, config):
-    """The official per-class formulation, with ddkit's draws: the reference the fast path is timed against."""
+    """The official per-class formulation, with ddkit's draws: the reference the fast path is timed against.
+
+    ``speed="plain"``: the plain ``nn.Conv2d -> nn.GroupNorm`` modules, no compilation, and the inner network
+    epochs on whole batches (``epoch('train', ...)``, batch 256), as the official code computes them."""
+    from ddkit.methods.common import sample_class_params, sample_per_class
     from ddkit.methods.dc import DCDistiller, DSADistiller
-    from ddkit.methods.dm import sample_class_params, sample_per_class
-    from ddkit.models.patchnorm import use_patch_shortcut
 
     base = DSADistiller if method == "dsa" else DCDistiller
 
     class Naive(base):  # type: ignore[misc, valid-type]
-        def new_network(self, *args, **kwargs):  # the official nn.Conv2d -> nn.GroupNorm computation
-            return use_patch_shortcut(super().new_network(*args, **kwargs), False)
-
-        def matching_loss(self, net, real, syn, generator, real_forward=None):  # official: eager, per class
+        def matching_loss(self, net, real, syn, generator, *, real_forward=None):  # official: eager, per class
             cfg = self.config
             batch = sample_per_class(real, cfg.batch_real, generator, self.device)
             params = sample_class_params(self.aug, real.num_classes, generator, self.device)
@@ -82,7 +85,7 @@ def naive_distiller(method: str, config):
                 loss = loss + official_match_loss(gw_syn, gw_real)
             return loss
 
-    return Naive(config)
+    return Naive(config, speed="plain")
 
 
 def official_match_loss(gw_syn, gw_real) -> torch.Tensor:
@@ -97,19 +100,17 @@ def official_match_loss(gw_syn, gw_real) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def make(method: str, ipc: int, variant: str, overrides: dict[str, Any]):
+def make(method: str, ipc: int, variant: str, overrides: dict[str, Any], compile: str = "on"):
+    """The distiller of one variant: ``naive`` (official formulation, plain modules) or ``fast`` (ddkit,
+    ``speed=auto``; ``compile`` "on" is what the rule resolves to in a full-budget CPU run, 1000 outer
+    iterations)."""
     from ddkit.methods import create_distiller
 
     d = create_distiller(method, dataset="fashion-mnist", ipc=ipc)
-    for k, v in overrides.items():
-        setattr(d.config, k, v)
-    if variant == "fast" and "compile" not in overrides:
-        d.config.compile = "on"  # what compile=auto resolves to in a full-budget CPU run (1000 outer iterations)
+    apply_overrides(d.config, overrides)
     if variant == "naive":
-        # the official inner loop trains on whole batches (``epoch('train', ...)``, batch 256): no chunking
-        d.config.inner_chunk = d.config.batch_train
-        d.config.compile = "off"
-        d = naive_distiller(method, d.config)
+        return naive_distiller(method, d.config)
+    d.speed = ddkit_speed(compile)  # before setup, which decides compilation
     return d
 
 
@@ -125,7 +126,7 @@ def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     keeps_memory = allocator_as_run(args.variant)
     real = load_dataset("fashion-mnist", args.data)
-    d = make(args.method, args.ipc, args.variant, parse_overrides(args.set))
+    d = make(args.method, args.ipc, args.variant, parse_overrides(args.set), args.compile)
     syn = SyntheticSet.from_real(real, args.ipc, make_generator(0, "init"), init=d.config.init)
     times: list[dict[str, float]] = []
     clock = [time.process_time()]
@@ -146,6 +147,7 @@ def cmd_speed(args: argparse.Namespace) -> dict[str, Any]:
     kept = times[args.warmup:]
     out = {
         "kind": "speed", "method": args.method, "ipc": args.ipc, "variant": args.variant, "set": args.set,
+        "speed": repr(d.speed), "compile": args.compile if args.variant == "fast" else "off",
         "loops": list(d.loops), "iterations": len(kept),
         "seconds": [t["seconds"] for t in kept],
         "median_s": statistics.median(t["seconds"] for t in kept),
@@ -177,8 +179,7 @@ def cmd_speed_paired(args: argparse.Namespace) -> dict[str, Any]:
     names = ("naive", "fast")
     runs = {}
     for name in names:
-        d = make(args.method, args.ipc, name, overrides)
-        d.run_iterations = args.iters + args.warmup
+        d = make(args.method, args.ipc, name, overrides, args.compile)
         syn = SyntheticSet.from_real(real, args.ipc, make_generator(0, "init"), init=d.config.init)
         generator = make_generator(0, "distill")
         d.setup(real, syn, generator)
@@ -197,8 +198,8 @@ def cmd_speed_paired(args: argparse.Namespace) -> dict[str, Any]:
                   for key in ("seconds", "seconds_match", "seconds_inner", "cpu_seconds")} for name in names}
     ratios = [f["seconds"] / n["seconds"] for f, n in zip(rows["fast"], rows["naive"])]
     out = {
-        "kind": "speed_paired", "method": args.method, "ipc": args.ipc, "set": args.set,
-        "loops": list(runs["fast"][0].loops), "rounds": args.iters, "warmup": args.warmup, "rows": rows,
+        "kind": "speed_paired", "method": args.method, "ipc": args.ipc, "set": args.set, "compile": args.compile,
+        "speed": {name: repr(runs[name][0].speed) for name in names}, "loops": list(runs["fast"][0].loops), "rounds": args.iters, "warmup": args.warmup, "rows": rows,
         "median": med, "ratio_of_medians": med["fast"]["seconds"] / med["naive"]["seconds"],
         "round_ratios": ratios, "median_round_ratio": statistics.median(ratios),
         "threads": args.threads, "torch": torch.__version__, "keeps_freed_memory": keeps_memory,
@@ -220,7 +221,7 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     real = load_dataset("fashion-mnist", args.data)
-    d = make(args.method, args.ipc, "fast", parse_overrides(args.set))
+    d = make(args.method, args.ipc, "fast", parse_overrides(args.set), args.compile)
     name = f"acc_{args.method}_ipc{args.ipc}_it{args.iters}"
     folder = WORK / f"syn_{args.method}_ipc{args.ipc}_it{args.iters}"
     protocol = EvalProtocol(models=("convnet",), runs=args.runs, epochs=args.epochs, dsa=args.method == "dsa")
@@ -251,6 +252,7 @@ def cmd_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_micro(args: argparse.Namespace) -> dict[str, Any]:
     """Time the pieces of one matching step on Fashion-MNIST shapes, formulation by formulation, interleaved."""
+    from ddkit.accel import patchnorm
     from ddkit.functional.distances import match_distance
     from ddkit.functional.pergrad import class_labels, naive_per_class_grads, per_class_grads, \
         per_class_grads_loop, split_parameters
@@ -259,7 +261,8 @@ def cmd_micro(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     k, n, ipc = 10, 256, args.ipc
-    net = create_model("convnet", channels=1, num_classes=k, image_size=(28, 28))
+    # the network ddkit's DC runs on CPU (speed=auto): the patch-statistics first stage swapped in
+    net = patchnorm.install(create_model("convnet", channels=1, num_classes=k, image_size=(28, 28)))
     diff, const = split_parameters(net, lambda name, p: p.dim() >= 2)
     xr = torch.randn(k, n, 1, 28, 28)
     yr = class_labels(k, n)
@@ -334,9 +337,10 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
         "faster than this one (the official-style evaluation takes 217 s here against its 90 s there).  "
         "*naive* is the official formulation run inside ddkit with the same draws, on this machine in this "
         "session: per class one forward/backward of 256 real images, then one of the synthetic images with "
-        "`create_graph` (`main.py`), and the inner network epochs eager on whole batches: the like-for-like "
-        "baseline.  *fast* is ddkit's default (`grad_mode=auto`: per-class real gradients in cache-sized "
-        "chunks, the synthetic side batched over classes with `vmap` for small IPC; compiled inner updates).",
+        "`create_graph` (`main.py`), and the inner network epochs eager on whole batches, plain modules "
+        "(`speed=plain`): the like-for-like baseline.  *fast* is ddkit's default (`speed=auto`: per-class real "
+        "gradients in cache-sized chunks, the synthetic side batched over classes with `vmap` for small IPC; "
+        "compiled inner updates).",
         "",
         "| method | IPC | loops | official s/it | naive s/it (CPU s) | fast s/it (CPU s) | fast / naive "
         "| fast / official | fast: matching / inner s | official RSS | naive RSS | fast RSS |",
@@ -422,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="speed --variant paired: keep = both variants with keep_freed_memory (the official "
                             "formulation spared its page faults); default = glibc's defaults for both")
         p.add_argument("--set", action="append", default=[], help="config override field=value")
+        p.add_argument("--compile", choices=list(COMPILE_CHOICES), default="on",
+                       help="fast variant: compilation forced on (default: what the rule gives a full-budget CPU "
+                            "run), off, or auto (the speed layer's rule on the config's iterations)")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--data", default=DATA)
         p.add_argument("--tag", default="")

@@ -5,14 +5,17 @@ Run every timing under ``flock /tmp/ddkit-bench.lock`` so that benchmarks never 
     python -m benchmarks.bench_dm_cafe speed --method dm --ipc 10 --iters 15 [--variant official|paired]
     python -m benchmarks.bench_dm_cafe accuracy --method dm --ipc 10 --iters 99
     python -m benchmarks.bench_dm_cafe speed --method cafe --ipc 1 --iters 2 --warmup 0
-    python -m benchmarks.bench_dm_cafe accuracy --method cafe --ipc 1 --iters 2
+    python -m benchmarks.bench_dm_cafe accuracy --method cafe --ipc 1 --iters 2 [--compile on]
     python -m benchmarks.bench_dm_cafe report          # writes benchmarks/RESULTS_dm_cafe.md
 
 ``speed`` and ``accuracy`` measure in the current process and write one JSON file under
 ``benchmarks/_work/dm_cafe``; run each in a fresh process so that the peak RSS belongs to one setting.
 ``--variant official`` runs ``main_DM.py``'s formulation inside ddkit (per class: a forward of 256 real images and
-of the synthetic images, NCHW, one batch per class), a same-session baseline beside the reference figures of
-anchors.md section R, since this machine is shared and absolute timings drift.
+of the synthetic images through the plain ``Conv2d``/``GroupNorm`` modules, NCHW, eager, one batch per class), a
+same-session baseline beside the reference figures of anchors.md section R, since this machine is shared and
+absolute timings drift.  The ddkit side runs as ``ddkit distill`` ships: ``speed=auto``, with the compile rule
+applied to the run's ``config.iterations`` (the method's full budget for ``speed``, ``--iters`` for
+``accuracy``), or forced with ``--compile on|off``.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import PAPER_ROWS, allocator_as_run, peak_rss_mib, save_json
+from .common import COMPILE_CHOICES, PAPER_ROWS, allocator_as_run, apply_overrides, ddkit_speed, peak_rss_mib, save_json
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "_work" / "dm_cafe"
@@ -55,8 +58,9 @@ def machine() -> dict[str, Any]:
             "load_avg_at_start": os.getloadavg()}
 
 
-def setup(method: str, ipc: int, seed: int, data_root: str, overrides: dict[str, Any]):
-    """Fashion-MNIST, the method's default config (plus overrides), a synthetic set from its default init."""
+def setup(method: str, ipc: int, seed: int, data_root: str, overrides: dict[str, Any], compile: str = "auto"):
+    """Fashion-MNIST, the method's default config (plus overrides), a synthetic set from its default init; the
+    distiller's speed layer is ``speed=auto`` with the compile rule or ``compile`` forced (common.ddkit_speed)."""
     from ddkit.data import load_dataset
     from ddkit.engine import make_generator
     from ddkit.methods import create_distiller
@@ -64,8 +68,8 @@ def setup(method: str, ipc: int, seed: int, data_root: str, overrides: dict[str,
 
     real = load_dataset("fashion-mnist", data_root)
     distiller = create_distiller(method, dataset="fashion-mnist", ipc=ipc)
-    for key, value in overrides.items():
-        setattr(distiller.config, key, value)
+    apply_overrides(distiller.config, overrides)
+    distiller.speed = ddkit_speed(compile)  # before setup, which decides compilation
     syn = SyntheticSet.from_real(real, ipc, make_generator(seed, "init"), init=distiller.config.init)
     return real, distiller, syn
 
@@ -73,12 +77,12 @@ def setup(method: str, ipc: int, seed: int, data_root: str, overrides: dict[str,
 # ------------------------------------------------------------------------------------------------------- speed
 def official_dm_step(distiller, real, syn, generator: torch.Generator) -> dict[str, float]:
     """``main_DM.py`` ConvNet branch: per class, one forward of 256 real and one of the class's synthetic images."""
+    from ddkit.accel import patchnorm
     from ddkit.methods.dm import frozen_embedder
-    from ddkit.models.patchnorm import use_patch_shortcut
 
     cfg = distiller.config
-    net = frozen_embedder(distiller, real, generator, syn.images.dtype, channels_last=False)
-    use_patch_shortcut(net, False)  # the official nn.Conv2d -> nn.GroupNorm computation
+    net = frozen_embedder(distiller, real, generator, syn.images.dtype)
+    patchnorm.uninstall(net)  # plain modules: the official nn.Conv2d -> nn.GroupNorm computation, NCHW, eager
     loss = torch.zeros(())
     for c in range(real.num_classes):
         img_real = distiller.real_batch(real, c, cfg.batch_real, generator)
@@ -102,7 +106,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     overrides = json.loads(args.set) if args.set else {}
     paired_keep = args.variant == "paired" and args.allocator == "keep"  # both variants keep memory
     keeps_memory = allocator_as_run("ddkit" if paired_keep else args.variant)
-    real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
+    real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides, args.compile)
     generator = make_generator(args.seed, "distill")
     distiller.setup(real, syn, generator)
     if args.variant == "paired":
@@ -129,8 +133,8 @@ def cmd_speed(args: argparse.Namespace) -> None:
     result = {
         "method": args.method, "variant": args.variant, "ipc": args.ipc, "iters": args.iters,
         "warmup": args.warmup, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-        "times": times, "peak_rss_mib": peak_rss_mib(), "overrides": overrides,
-        "config": {k: v for k, v in vars(distiller.config).items()}, "machine": start,
+        "times": times, "peak_rss_mib": peak_rss_mib(), "overrides": overrides, "compile": args.compile,
+        "speed": repr(distiller.speed), "config": {k: v for k, v in vars(distiller.config).items()}, "machine": start,
         "load_avg_at_end": os.getloadavg(), "metrics": metrics, "keeps_freed_memory": keeps_memory,
         "median_metrics": {k: statistics.median(m[k] for m in metrics) for k in metrics[0]} if metrics else {},
     }
@@ -169,7 +173,7 @@ def cmd_speed_paired(args: argparse.Namespace, real, distiller, syn, generator, 
         "times": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
         "ratio_of_medians": statistics.median(times["ddkit"]) / statistics.median(times["official"]),
         "median_round_ratio": statistics.median(ratios), "round_ratios": ratios, "overrides": overrides,
-        "keeps_freed_memory": keeps_memory,
+        "compile": args.compile, "speed": repr(distiller.speed), "keeps_freed_memory": keeps_memory,
         "machine": start, "load_avg_at_end": os.getloadavg(),
     }
     name = f"speed_dm_paired_ipc{args.ipc}" + (f"_{args.tag}" if args.tag else "")
@@ -209,7 +213,8 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
 
     overrides = json.loads(args.set) if args.set else {}
     keeps_memory = allocator_as_run("ddkit")  # as `ddkit distill` / `ddkit evaluate` run
-    real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides)
+    real, distiller, syn = setup(args.method, args.ipc, args.seed, args.data_root, overrides, args.compile)
+    distiller.config.iterations = args.iters  # as `ddkit distill --iterations N`: the compile rule reads the run's length
     protocol = EvalProtocol(runs=args.runs, epochs=args.epochs, dsa=True)
     t0 = time.perf_counter()
     before = None if args.skip_init else evaluate(syn, real, protocol, seed=args.seed)
@@ -223,7 +228,8 @@ def cmd_accuracy(args: argparse.Namespace) -> None:
     result = {
         "method": args.method, "ipc": args.ipc, "iters": args.iters, "runs": args.runs, "epochs": args.epochs,
         "dsa_eval": True, "seed": args.seed, "accuracy": accs, "distill_s": t_distill,
-        "eval_s_per_model": t_eval / max(args.runs, 1) if before else None, "overrides": overrides, "machine": machine(),
+        "eval_s_per_model": t_eval / max(args.runs, 1) if before else None, "overrides": overrides,
+        "compile": args.compile, "speed": repr(distiller.speed), "machine": machine(),
         "peak_rss_mib": peak_rss_mib(), "metrics": record.rows, "keeps_freed_memory": keeps_memory,
     }
     name = f"acc_{args.method}_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
@@ -246,9 +252,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         "under `flock /tmp/ddkit-bench.lock`.  *official formulation* runs `main_DM.py`'s per-class loop (eager,",
         "NCHW, one batch of 256 real images per class) inside ddkit on this machine in the same session: the",
         "like-for-like ratio.  anchors.md section R was measured on a machine of this kind that ran about 2.4x",
-        "faster than this one (the official-style evaluation: 217 s here, 90 s there).  ddkit's DM compiles its",
-        "embedder (`compile=auto`: on for CPU runs of >= 1000 iterations) and runs the real branch channels-last",
-        "in chunks of 16.  Medians over 6 iterations after 2 warm-up iterations (which include the compile).",
+        "faster than this one (the official-style evaluation: 217 s here, 90 s there).  ddkit's DM runs with the",
+        "speed layer (`speed=auto`: compiled channels-last embedder for runs long enough to repay it, cache-sized",
+        "chunks).  Medians over 6 iterations after 2 warm-up iterations (which include the compile).",
         "",
         "### DM: seconds per iteration and peak memory (ConvNet-3, 256 real images per class, DSA on)",
         "",
@@ -345,7 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--data-root", default=DATA)
         p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--set", default="", help='JSON config overrides, e.g. \'{"real_chunk": 32}\'')
+        p.add_argument("--set", default="", help='JSON method-config overrides, e.g. \'{"batch_real": 128}\'')
+        p.add_argument("--compile", choices=list(COMPILE_CHOICES), default="auto",
+                       help="ddkit side: the speed layer's compile rule (auto) or forced on/off")
         p.add_argument("--tag", default="")
         if name == "speed":
             p.add_argument("--warmup", type=int, default=3)

@@ -5,8 +5,11 @@ includes the compile):
 
 - a training step (forward, backward, SGD) on 100 images: the evaluation protocol at IPC 10 and DC's inner loop;
   and on 256 images (the protocol's batch at IPC >= 26, herding/k-center's feature network), whole or in the
-  library's cache-sized chunks of 16 (``ddkit.functional.compiled.forward_of``);
+  library's cache-sized chunks of 16 (``ddkit.accel.compiled.forward_of``);
 - a no-grad forward of 2560 images (10 classes x 256): DM's real branch, in batches of 256 or chunks of 16.
+
+The network is the one ddkit runs on CPU (``speed=auto``): ConvNet-3 with the patch-statistics first stage
+swapped in (``ddkit.accel.patchnorm.install``).
 
     python -m benchmarks.bench_levers [--repeats 5] [--skip-bf16]
 """
@@ -39,13 +42,14 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from ddkit.accel import patchnorm
     from ddkit.models import create_model
 
     torch.set_num_threads(args.threads)
     cl = torch.channels_last
 
     def net(channels_last: bool = False, frozen: bool = False):
-        m = create_model("convnet", channels=1, image_size=(28, 28), num_classes=10)
+        m = patchnorm.install(create_model("convnet", channels=1, image_size=(28, 28), num_classes=10))
         m = m.to(memory_format=cl) if channels_last else m
         return m.requires_grad_(not frozen)
 
@@ -53,7 +57,7 @@ def main() -> None:
     big = torch.randn(2560, 1, 28, 28)
     results: dict[str, float] = {}
 
-    from ddkit.functional.compiled import forward_of
+    from ddkit.accel.compiled import forward_of
 
     def train_step(channels_last: bool, compiled: bool, bf16: bool = False, n: int = 100,
                    chunk: int | None = None) -> Callable[[], None]:

@@ -7,7 +7,8 @@ One process; every variant shares the compiled graphs of one network and its opt
 step of every variant, in alternating order, so that all variants see the same machine state (this VM drifts by
 10-20 %).  Prints the median seconds per step and writes ``benchmarks/_work/train_chunk_b{batch}_{allocator}.json``.  The
 chunked variants compute the same step (no batch norm in ConvNet-3); this is what chose
-``ddkit.functional.compiled.CPU_TRAIN_CHUNK_PIXELS``.
+``ddkit.accel.compiled.CPU_TRAIN_CHUNK_PIXELS``.  The network is the one ddkit runs on CPU (``speed=auto``): the
+patch-statistics first stage swapped in (``ddkit.accel.patchnorm.install``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ WORK = Path(__file__).resolve().parent / "_work"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ddkit.functional.compiled import ChunkedForward, CompiledOrEager
+    from ddkit.accel import patchnorm
+    from ddkit.accel.compiled import ChunkedForward, CompiledOrEager
     from ddkit.models import create_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,15 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
-                        help="keep: ddkit.engine.keep_freed_memory(), as the CLI runs; default: glibc's defaults")
+                        help="keep: ddkit.accel.keep_freed_memory(), as the CLI runs; default: glibc's defaults")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.allocator == "keep":
-        from ddkit.engine import keep_freed_memory
+        from ddkit.accel import keep_freed_memory
 
         keep_freed_memory()
     torch.manual_seed(0)
-    net = create_model("convnet", channels=1, num_classes=10, image_size=(28, 28))
+    net = patchnorm.install(create_model("convnet", channels=1, num_classes=10, image_size=(28, 28)))
     x = torch.randn(args.batch, 1, 28, 28)
     y = torch.randint(0, 10, (args.batch,))
     compiled = CompiledOrEager(net)

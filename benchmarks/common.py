@@ -106,11 +106,42 @@ def save_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
 def allocator_as_run(variant: str) -> bool:
     """Set up the C allocator as the measured program would have it, and say whether memory is kept.
 
-    ddkit's CLI keeps freed memory in the process (``ddkit.engine.keep_freed_memory``); the official scripts run
-    with glibc's defaults.  So single-variant runs of ddkit (``fast``, ``ddkit``) keep it and the official
-    formulation (``naive``, ``official``) does not; ``paired`` runs share one process and one setting (glibc's
-    defaults, or ``--allocator keep`` for both), so their ratio is the formulations' alone.
+    ddkit's console entry point keeps freed memory in the process (``ddkit.accel.keep_freed_memory``, called by
+    ``ddkit.cli:console_main``); the official scripts run with glibc's defaults.  So single-variant runs of ddkit
+    (``fast``, ``ddkit``) keep it and the official formulation (``naive``, ``official``) does not; ``paired`` runs
+    share one process and one setting (glibc's defaults, or ``--allocator keep`` for both), so their ratio is the
+    formulations' alone.
     """
-    from ddkit.engine import keep_freed_memory
+    from ddkit.accel import keep_freed_memory
 
     return keep_freed_memory() if variant in ("fast", "ddkit") else False
+
+
+#: ``--compile`` of the method benchmarks -> the speed layer's compile override (``SpeedLayer(compile=...)``):
+#: "auto" applies ddkit's rule (``ddkit.accel.compiled.compile_pays_off``, from the run's ``config.iterations``),
+#: "on"/"off" force it, as the methods' former ``compile`` option did.
+COMPILE_CHOICES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def ddkit_speed(compile: str = "auto", device: str = "cpu"):
+    """The speed layer ddkit's side of a benchmark runs with: ``speed=auto`` as ``ddkit distill`` ships it, with
+    the compile rule applied (``compile="auto"``) or forced (``"on"``/``"off"``)."""
+    from ddkit.accel import SpeedLayer
+
+    return SpeedLayer("auto", device, compile=COMPILE_CHOICES[compile])
+
+
+#: method-config fields that moved into the speed layer (issue 13): a benchmark override naming one is an error,
+#: not a silently ignored attribute.
+MOVED_TO_SPEED_LAYER = ("compile", "real_chunk", "inner_chunk", "channels_last", "grad_mode")
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
+    """Set each ``field=value`` of ``overrides`` on a method config; unknown fields exit with a one-line error."""
+    for key, value in overrides.items():
+        if key in MOVED_TO_SPEED_LAYER:
+            raise SystemExit(f"config override {key!r}: this speed option moved into ddkit.accel's speed layer "
+                             f"(issue 13); use --compile auto|on|off to force compilation")
+        if not hasattr(config, key):
+            raise SystemExit(f"config override {key!r}: {type(config).__name__} has no such field")
+        setattr(config, key, value)
