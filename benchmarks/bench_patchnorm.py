@@ -1,8 +1,9 @@
-"""ConvNet-3 with and without the first stage's patch-statistics instance norm (``ddkit.models.patchnorm``), CPU.
+"""ConvNet-3 with and without the first stage's patch-statistics instance norm (``ddkit.accel.patchnorm``), CPU.
 
-Variants: ``plain`` (the ``Conv2d`` / ``GroupNorm`` modules), ``shortcut`` (the batched product, then the stage's
-activation and pooling modules), ``fused`` (compiled graphs compute the pooled map directly,
-``conv_instance_norm_pool``; eagerly the same as ``shortcut``).
+Variants: ``plain`` (the ``Conv2d`` / ``GroupNorm`` modules, as ``create_model`` builds them), ``shortcut``
+(``patchnorm.install(net, fuse_pooling=False)``: the batched product, then the stage's activation and pooling
+modules), ``fused`` (``patchnorm.install(net)``, what ``speed=auto`` runs on CPU: compiled graphs compute the
+pooled map directly, ``conv_instance_norm_pool``; eagerly the same as ``shortcut``).
 
     python -m benchmarks.bench_patchnorm --rounds 10
 
@@ -36,19 +37,21 @@ WORKLOADS: dict[str, tuple[int, int, int, bool, bool]] = {
 }
 
 
-#: variant -> (use_patch_shortcut, fuse_pooling)
+#: variant -> (patch-statistics stage installed, fuse_pooling)
 VARIANTS = {"plain": (False, False), "shortcut": (True, False), "fused": (True, True)}
 
 
 def workload(channels: int, side: int, n: int, compiled: bool, train: bool, variant: str,
              chunk: int = 16) -> Callable[[], None]:
-    from ddkit.functional.compiled import ChunkedForward, CompiledOrEager
+    from ddkit.accel import patchnorm
+    from ddkit.accel.compiled import ChunkedForward, CompiledOrEager
     from ddkit.models import create_model
-    from ddkit.models.patchnorm import use_patch_shortcut
 
     torch.manual_seed(0)
-    net = use_patch_shortcut(create_model("convnet", channels=channels, num_classes=10, image_size=(side, side)),
-                             *VARIANTS[variant])
+    net = create_model("convnet", channels=channels, num_classes=10, image_size=(side, side))  # plain modules
+    installed, fuse_pooling = VARIANTS[variant]
+    if installed:
+        patchnorm.install(net, fuse_pooling=fuse_pooling)
     x = torch.randn(n, channels, side, side)
     y = torch.randint(0, 10, (n,))
     forward = CompiledOrEager(net) if compiled else net
@@ -70,7 +73,7 @@ def workload(channels: int, side: int, n: int, compiled: bool, train: bool, vari
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ddkit.engine import keep_freed_memory
+    from ddkit.accel import keep_freed_memory
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
