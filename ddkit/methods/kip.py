@@ -28,6 +28,7 @@ import copy
 import math
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 from torch import Tensor, nn
 
