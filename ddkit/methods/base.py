@@ -6,6 +6,7 @@ per-setting paper defaults, and either ``loss(...)`` (the optimizer step is inhe
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -88,7 +89,9 @@ class Distiller:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            # a copy: torch's Optimizer.load_state_dict keeps the given tensors, so loading the state of a live
+            # distiller would otherwise share (and advance twice) its momentum buffers
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
     # ------------------------------------------------------------------ helpers shared by methods
     def new_network(self, real: RealData, generator: torch.Generator, model: str | None = None, **overrides: Any) -> nn.Module:
