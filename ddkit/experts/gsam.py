@@ -22,7 +22,8 @@ Interface.  ``ddkit.evaluation.train.train_model`` (the one training loop) calls
 ``optimizer.step()`` without a closure, so the second gradient (step 3) comes from a closure registered for the
 current batch with :meth:`GSAM.set_closure` before ``step`` runs (the expert trainer does this in the batch hook
 it gives ``train_model``).  ``step(closure)`` works as well.  Only a constant rho is implemented (FTD uses a
-constant one); the scheduled rho of the GSAM paper is not.
+constant one); the scheduled rho of the GSAM paper is not.  Batch-norm running statistics are updated by both
+passes (FTD's code freezes them in the second); the field's ConvNet uses instance norm and has none.
 """
 from __future__ import annotations
 
