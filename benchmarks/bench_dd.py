@@ -3,15 +3,16 @@ the plain ("graph") unroll, and accuracy after a stated budget under the field's
 
 Timings under the shared lock; memory in fresh processes (peak RSS is per process)::
 
-    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_dd speed --ipc 10        # both unrolls, side by side
-    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_dd speed --ipc 1
+    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_dd speed --ipc 10 --threads 1   # both unrolls, side by side
+    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_dd speed --ipc 1 --threads 1
     python -m benchmarks.bench_dd memory --ipc 10 --unroll checkpoint                # and --unroll graph
     flock /tmp/ddkit-bench.lock python -m benchmarks.bench_dd accuracy --ipc 10 --iters 300
     python -m benchmarks.bench_dd report        # the markdown tables for RESULTS.md
 
 ``speed`` runs DD's defaults (LeNet, xavier init, noise images, real batch 1024; IPC 10: 10 data steps x 3 epochs
 = 30 unrolled steps, IPC 1: 1 x 3) with the two unrolls alternating iteration by iteration in one process, and
-reports the median seconds per iteration of each and the exact peak of the bytes autograd holds for backward
+reports the median wall and process-CPU seconds per iteration of each (on a shared machine, run it with
+``--threads 1``: CPU time is what the load does not inflate) and the exact peak of the bytes autograd holds for backward
 during one iteration of each (``saved_tensors_hooks``; machine-independent).  ``memory`` runs one unroll in a
 fresh process and reports the resident memory after set-up and its peak during the iterations.
 ``--model convnet --batch-real 256`` shows a case where the unroll's activations dominate.
@@ -120,15 +121,17 @@ def cmd_speed(args: argparse.Namespace) -> None:
     real, syn, distiller, generator = _speed_setup(args)
     modes = ["checkpoint", "graph"]
     secs: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     it = 0
     for round_ in range(args.warmup + args.iters):
         for mode in (modes if round_ % 2 == 0 else modes[::-1]):
             distiller.config.unroll = mode
             it += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             distiller.step(it, real, syn, generator)
             if round_ >= args.warmup:
                 secs[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)
     saved = {}
     for mode in modes:
         distiller.config.unroll = mode
@@ -142,10 +145,11 @@ def cmd_speed(args: argparse.Namespace) -> None:
         "inner_steps": distiller.total_steps, "distill_steps": distiller.distill_steps,
         "batch_real": distiller.config.batch_real, "iters": args.iters, "warmup": args.warmup,
         "median_s": {m: statistics.median(secs[m]) for m in modes}, "seconds": secs,
+        "median_cpu_s": {m: statistics.median(cpu[m]) for m in modes}, "cpu_seconds": cpu,
         "saved_for_backward_peak_mib": saved, "machine": _machine(),
     }
     print(save_json(RESULTS, f"speed_{_tag(args, distiller)}", result))
-    print(json.dumps({k: result[k] for k in ("median_s", "saved_for_backward_peak_mib")}))
+    print(json.dumps({k: result[k] for k in ("median_s", "median_cpu_s", "saved_for_backward_peak_mib")}))
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -219,21 +223,29 @@ def cmd_report(args: argparse.Namespace) -> None:
     for p in RESULTS.glob("memory_*.json"):
         r = json.loads(p.read_text())
         memory[(r["dataset"], r["ipc"], r["model"], r["batch_real"], r["unroll"])] = r
-    print("| dataset | IPC | model, real batch | inner steps | s/it checkpoint | s/it graph | ratio "
+    speed = {}
+    for p in RESULTS.glob("speed_*.json"):
+        r = json.loads(p.read_text())
+        speed[(r["dataset"], r["ipc"], r["model"], r["batch_real"])] = r
+    print("| dataset | IPC | model, real batch | inner steps | CPU-s/it checkpoint | CPU-s/it graph | ratio "
           "| saved for backward, peak MiB: checkpoint / graph | peak RSS MiB during iterations: checkpoint / graph "
           "(after set-up) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("speed_*.json"))]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["ipc"], r["model"])):
-        key = (r["dataset"], r["ipc"], r["model"], r["batch_real"])
+    for key in sorted(set(speed) | {k[:4] for k in memory}):
+        r = speed.get(key)
         mem = [memory.get((*key, m)) for m in ("checkpoint", "graph")]
+        info = r or next(m for m in mem if m)
         rss = " / ".join(f"{m['peak_rss_during_iterations_mib']:.0f}" if m else "–" for m in mem)
         setup = next((f" ({m['rss_after_setup_mib']:.0f})" for m in mem if m), "")
-        t, saved = r["median_s"], r["saved_for_backward_peak_mib"]
-        print(f"| {r['dataset']} | {r['ipc']} | {r['model']}, {r['batch_real']} | "
-              f"{r['distill_steps']} x {r['inner_steps'] // r['distill_steps']} | {t['checkpoint']:.3f} | "
-              f"{t['graph']:.3f} | {t['checkpoint'] / t['graph']:.2f}x ({r['iters']} its each) | "
-              f"{saved['checkpoint']:.1f} / {saved['graph']:.1f} | {rss}{setup} |")
+        cells = ["–"] * 4
+        if r is not None:
+            t, saved = r["median_cpu_s"], r["saved_for_backward_peak_mib"]
+            cells = [f"{t['checkpoint']:.3f}", f"{t['graph']:.3f}",
+                     f"{t['checkpoint'] / t['graph']:.2f}x ({r['iters']} its each, {r['machine']['threads']} thr)",
+                     f"{saved['checkpoint']:.1f} / {saved['graph']:.1f}"]
+        print(f"| {key[0]} | {key[1]} | {key[2]}, {key[3]} | "
+              f"{info['distill_steps']} x {info['inner_steps'] // info['distill_steps']} | {' | '.join(cells)} | "
+              f"{rss}{setup} |")
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy_*.json"))]
     print()
     print("| dataset | IPC | iterations (s) | field protocol: DD set | random real | DD's recipe (LeNet) "
