@@ -59,9 +59,9 @@ class KIPConfig(DistillConfig):
     #: the set is marked ``label_kind = "regression"``, so ``ddkit evaluate`` trains on them with squared error)
     learn_labels: bool = False
     #: real images per step, class-balanced (colab ``TARGET_BATCH_SIZE = 5000``).  5000 is kept: with the
-    #: default FC kernel a step is one 5000 x n_s kernel and costs well under a second on 2 CPU cores; the
-    #: conv kernel costs ``target_batch x n_s x H x W`` per layer and per step, so CPU runs of it take smaller
-    #: batches (benchmarks/RESULTS.md, KIP section)
+    #: default FC kernel a step is one 5000 x n_s kernel, 0.9 / 1.9 s on 2 busy CPU cores at Fashion-MNIST IPC 1 /
+    #: 10 (benchmarks/RESULTS.md, KIP section); the conv kernel costs ``target_batch x n_s x H x W`` per layer and
+    #: per step, so CPU runs of it take smaller batches (e.g. 1000)
     target_batch: int = 5000
     #: ridge ``reg * trace(K_ss) / n_s`` (colab ``loss_acc_fn(..., reg=1e-6)``)
     reg: float = 1e-6
