@@ -291,17 +291,30 @@ def test_train_model_step_hooks():
     assert seen == pytest.approx([0.1 * s for s in range(7)])
 
 
-def test_frepo_protocol_on_hard_labels_and_field_protocol_on_regression_labels(digits):
-    """Hard labels become centred targets under ``frepo``; FRePo's regression labels are trained with the
-    squared error under the field's protocol (soft cross-entropy would be meaningless on them)."""
+def test_frepo_protocol_on_hard_labels_and_field_protocol_on_regression_labels(digits, monkeypatch):
+    """Hard labels become centred targets under ``frepo``, FRePo's learned labels are regressed on as they are;
+    the field's protocol trains with cross-entropy on the argmax class of regression labels."""
+    import ddkit.evaluation.protocol as protocol_module
+
+    seen = []
+    monkeypatch.setattr(protocol_module, "train_and_test",
+                        lambda name, images, labels, real, protocol, *a: seen.append((labels, protocol)) or 50.0)
     base = SyntheticSet.from_real(digits, 1, make_generator(0, "init"))
-    report = evaluate(base, digits, EvalProtocol.named("frepo", runs=1, steps=30, dsa=False), seed=0)
-    assert report.protocol["targets"] == "centred" and report.protocol["soft_label_loss"] == "half_sse"
+    evaluate(base, digits, EvalProtocol.named("frepo", runs=1), seed=0)
+    labels, protocol = seen.pop()
+    torch.testing.assert_close(labels, torch.nn.functional.one_hot(base.labels, 10).float() - 0.1)
+    assert protocol.soft_label_loss == "half_sse"
+
     syn = _syn(digits)
     FRePoDistiller(_small()).setup(digits, syn, make_generator(0, "t"))
-    report = evaluate(syn, digits, EvalProtocol(runs=1, epochs=5, dsa=False), seed=0)
-    assert report.protocol["soft_label_loss"] == "half_sse"
-    assert 0.0 <= report.summary()["convnet"]["mean"] <= 100.0
+    with torch.no_grad():
+        syn.labels.mul_(1.5)  # learned labels: no longer centred one-hot vectors
+    evaluate(syn, digits, EvalProtocol.named("frepo", runs=1), seed=0)
+    labels, protocol = seen.pop()
+    assert torch.equal(labels, syn.labels.detach()) and protocol.soft_label_loss == "half_sse"
+    evaluate(syn, digits, EvalProtocol(runs=1), seed=0)
+    labels, protocol = seen.pop()
+    assert torch.equal(labels, torch.arange(10)) and not labels.is_floating_point()
 
 
 def test_bad_protocol_values():
