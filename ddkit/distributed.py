@@ -9,7 +9,10 @@ commands then ask the helpers below what this process should do:
   work item ``i`` is the same whichever process count trains it, and every item is seeded by its index, not by
   the rank (``make_generator(seed, "eval", model, run)``, ``make_generator(seed, "expert", index)``);
 - :func:`is_main` guards the files only one process may write (reports, checkpoints, synthetic sets);
-- :func:`all_gather_objects`, :func:`broadcast_object`, :func:`all_reduce_sum_`, :func:`barrier` move results.
+- :func:`all_gather_objects`, :func:`broadcast_object`, :func:`all_reduce_sum_`, :func:`barrier` move results;
+  :func:`sum_gradients_` sums the gradients of a method whose iteration is split over ranks (DM and DC/DSA:
+  classes; MTT/FTD/DDPP: trajectory segments) and :func:`broadcast_` keeps state the ranks compute alike
+  identical.
 
 Without torchrun (``WORLD_SIZE`` unset or 1) nothing here calls ``torch.distributed``: every helper answers for a
 world of one process at once, so the single-process path keeps its speed and needs no process group.
@@ -65,6 +68,12 @@ def shard(items: Sequence[T]) -> list[T]:
     return list(items[rank()::world_size()])
 
 
+def class_shard(num_classes: int) -> list[int] | None:
+    """The classes this process handles under torchrun (``class % world == rank``); None in a world of one, where
+    a method takes its unsharded path unchanged."""
+    return shard(range(num_classes)) if active() else None
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -103,6 +112,44 @@ def all_reduce_sum_(tensors: Sequence[Tensor | None]) -> None:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+
+
+def sum_gradients_(params: Sequence[Tensor], loss: float) -> float:
+    """Sum the ``.grad`` of ``params`` and the number ``loss`` over ranks, in place, in one all-reduce.
+
+    For methods that split one iteration's terms over ranks (classes, trajectory segments): each rank
+    back-propagated its own terms, so the sum of the ranks' gradients is the gradient of the whole objective and
+    every rank then takes the same optimizer step.  A parameter that got no gradient on this rank (it owns no
+    term) contributes zeros.  Returns the summed loss; in a world of one it returns ``loss`` and does nothing.
+    """
+    if not active():
+        return loss
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    box = torch.tensor([loss], dtype=grads[0].dtype if grads else torch.float64,
+                       device=grads[0].device if grads else None)
+    all_reduce_sum_([*grads, box])
+    return float(box.item())
+
+
+def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values (one flat broadcast).
+
+    Keeps state that every rank computes alike (a network trained on the shared synthetic set) identical even
+    where kernels are not bitwise deterministic (cuDNN); on CPU it changes nothing.
+    """
+    if not active() or not tensors:
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
 
 
 def all_reduce_sum(value: float) -> float:

@@ -30,6 +30,10 @@ What differs from the official code, and why the result is the same:
   documented rule instead.
 - All randomness (network initialisation, real batches, augmentation) comes from the run's generator; the
   official DSA reseeds the global RNG from the wall clock.
+- Under torchrun (:mod:`ddkit.distributed`) every rank draws the same network, real batch and siamese parameters
+  (so the generator stays in step), matches only its own classes (``class % world == rank``: the loss is a sum of
+  independent per-class terms) and the image gradients are summed over ranks before the step; the inner network
+  epochs run on every rank and rank 0's network is broadcast after them, so all ranks match against the same one.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..augment import DSA
 from ..data.realdata import RealData
 from ..errors import ConfigError
@@ -123,15 +128,16 @@ class DSAConfig(DCConfig):
 
 # ------------------------------------------------------------------------------------------------- the objective
 def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tensor, weights: Tensor, *,
-                mode: str, second_order: bool, chunk: int | None) -> ParamDict:
-    """Per-class gradients ``[K, ...]`` of the mean cross-entropy of ``images[k]`` (``[K, n, ...]``) for label k.
+                mode: str, second_order: bool, chunk: int | None, classes: Tensor | None = None) -> ParamDict:
+    """Per-class gradients ``[K, ...]`` of the mean cross-entropy of ``images[k]`` (``[K, n, ...]``) for label k
+    (label ``classes[k]`` when given: a rank's share of the classes).
 
     ``mode`` is "batched" (``vmap`` over classes) or "loop" (per class), both exact; "batched" falls back to
     the loop where :func:`batching_is_exact` says it would not be.  ``chunk`` is the number of images per
     forward/backward pass (loop: within a class; batched: over all classes), ``None`` for one pass.
     """
     k, n = images.shape[:2]
-    labels = class_labels(k, n, images.device)
+    labels = class_labels(k, n, images.device) if classes is None else classes.to(images.device).view(-1, 1).repeat(1, n)
     if mode == "loop" or not batching_is_exact(net, second_order):
         return per_class_grads_loop(net, diff, const, images, labels, weights, sample_chunk=chunk,
                                     create_graph=second_order)
@@ -142,24 +148,29 @@ def class_grads(net: nn.Module, diff: ParamDict, const: ParamDict, images: Tenso
 def gradient_match_loss(net: nn.Module, real_images: Tensor, real_weights: Tensor, syn_images: Tensor,
                         syn_weights: Tensor, *, distance: str = "ours", real_mode: str = "batched",
                         syn_mode: str = "batched", real_chunk: int | None = None,
-                        real_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                        real_forward: Callable[[Tensor], Tensor] | None = None,
+                        classes: Tensor | None = None) -> Tensor:
     """``sum_c D(grad L(real_c), grad L(syn_c))``, differentiable in ``syn_images``.
 
     Images are ``[K, n, ...]`` class blocks (already augmented), weights ``[K, n]`` (0 = padding).  The real
     gradients are constants (official: ``gw_real = [g.detach().clone() ...]``) and are computed without a graph,
-    per class and chunk through ``real_forward`` (``net``'s compiled forward) when one is given.
+    per class and chunk through ``real_forward`` (``net``'s compiled forward) when one is given.  ``classes``: the
+    labels of the blocks (default ``0..K-1``).
     """
     diff, const = split_parameters(net, lambda name, p: contributes(tuple(p.shape), distance))
     if real_forward is not None:
         own = dict(net.named_parameters())
-        g_real = per_class_grads_forward(real_forward, {k: own[k] for k in diff}, real_images,
-                                         class_labels(*real_images.shape[:2], real_images.device), real_weights,
+        k, n = real_images.shape[:2]
+        labels = class_labels(k, n, real_images.device) if classes is None else \
+            classes.to(real_images.device).view(-1, 1).repeat(1, n)
+        g_real = per_class_grads_forward(real_forward, {k: own[k] for k in diff}, real_images, labels, real_weights,
                                          sample_chunk=real_chunk)
     else:
         with torch.no_grad():
             g_real = class_grads(net, diff, const, real_images, real_weights, mode=real_mode, second_order=False,
-                                 chunk=real_chunk)
-    g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=syn_mode, second_order=True, chunk=None)
+                                 chunk=real_chunk, classes=classes)
+    g_syn = class_grads(net, diff, const, syn_images, syn_weights, mode=syn_mode, second_order=True, chunk=None,
+                        classes=classes)
     return match_distance(g_real, g_syn, distance)
 
 
@@ -174,6 +185,13 @@ def freeze_batchnorm(net: nn.Module, real: RealData, per_class: int, generator: 
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+def select_classes(images: Tensor, row_class: Tensor, classes: list[int]) -> tuple[Tensor, Tensor]:
+    """The rows of ``classes`` (ascending class ids) and each row's position in ``classes``: a rank's share."""
+    wanted = torch.tensor(classes, dtype=row_class.dtype)
+    rows = torch.nonzero(torch.isin(row_class, wanted)).flatten()
+    return images[rows.to(images.device)], torch.searchsorted(wanted, row_class[rows])
 
 
 # ------------------------------------------------------------------------------------------------------- method
@@ -233,13 +251,14 @@ class DCDistiller(Distiller):
             loss = self.matching_loss(net, real, syn, generator, real_forward=real_forward)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            total += distributed.sum_gradients_([syn.images], float(loss.detach()))  # torchrun: all ranks' classes
             self.optimizer.step()
-            total += float(loss.detach())
             t1 = time.perf_counter()
             t_match += t1 - t0
             if ol == outer - 1:  # official: the last outer step skips the network update
                 break
             self.train_network(net, syn, inner, generator, compiled)
+            distributed.broadcast_([*net.parameters(), *net.buffers()])  # the ranks match against one network
             t_net += time.perf_counter() - t1
         # official log: loss_avg /= (num_classes * outer_loop)
         return {"loss": total / (real.num_classes * outer), "seconds_match": t_match, "seconds_inner": t_net}
@@ -263,17 +282,26 @@ class DCDistiller(Distiller):
         dtype = syn.images.dtype
         batch = sample_per_class(real, cfg.batch_real, generator, self.device)
         params = sample_class_params(self.aug, k, generator, self.device)
+        real_images, real_class, syn_images, syn_class = batch.images, batch.row_class, syn.images, self._syn_row_class
+        classes = distributed.class_shard(k)
+        if classes is not None:  # torchrun: every rank drew all of the above (generators in step), matches its own
+            if not classes:
+                return syn.images.sum() * 0.0  # more ranks than classes: a zero gradient
+            params = [params[c] for c in classes]
+            real_images, real_class = select_classes(real_images, real_class, classes)
+            syn_images, syn_class = select_classes(syn_images, syn_class, classes)
         with torch.no_grad():
-            real_x = augment_by_class(self.aug, batch.images.to(dtype), batch.row_class, params)
-        syn_x = augment_by_class(self.aug, syn.images, self._syn_row_class, params)
-        real_b, real_w = blocks(real_x, batch.row_class, k)
-        syn_b, syn_w = blocks(syn_x, self._syn_row_class, k)
+            real_x = augment_by_class(self.aug, real_images.to(dtype), real_class, params)
+        syn_x = augment_by_class(self.aug, syn_images, syn_class, params)
+        real_b, real_w = blocks(real_x, real_class, len(params))
+        syn_b, syn_w = blocks(syn_x, syn_class, len(params))
         real_mode, syn_mode = self.speed.grad_modes(syn_b.shape[1])
         loop_forward = real_forward if real_mode == "loop" else None
         return gradient_match_loss(net, real_b, real_w, syn_b, syn_w, distance=cfg.distance, real_mode=real_mode,
                                    syn_mode=syn_mode,
                                    real_chunk=self.speed.grad_chunk(real.image_shape, loop_forward is not None),
-                                   real_forward=loop_forward)
+                                   real_forward=loop_forward,
+                                   classes=None if classes is None else torch.tensor(classes))
 
     def train_network(self, net: nn.Module, syn: SyntheticSet, epochs: int, generator: torch.Generator,
                       compiled: bool = False) -> None:
