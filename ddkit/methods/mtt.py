@@ -38,6 +38,13 @@ What differs, and why:
 - **Random streams.**  The expert, the start epoch, the mini-batch order and the DSA parameters come from the
   run's generator (the official code uses numpy's and torch's global RNGs and walks a shuffled buffer file by
   file); the expert is drawn uniformly, as the official ``--load_all`` path does.
+- **Segments and torchrun.**  ``segments`` (default 1, the paper's and the official code's one expert segment per
+  iteration) sets how many segments an iteration matches; the loss is their mean.  Under torchrun every rank
+  draws every segment (expert, start epoch, batches: the generator stays in step), unrolls segments
+  ``s % world == rank`` and the gradients are summed over ranks (:func:`ddkit.distributed.sum_gradients_`), so
+  a run equals the single-process run with the same ``segments`` up to float order.  With one segment rank 0
+  does all the work (same result, no speed-up): scaling out means ``segments >= world``, a larger batch of
+  segments per step than the paper's.  Metrics other than the loss describe segment 0.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..data.realdata import RealData
 from ..errors import ConfigError
 from ..evaluation.train import classification_loss
@@ -85,6 +93,8 @@ class MTTConfig(DistillConfig):
     grad_mode: str = "checkpoint"
     #: floor of the learned step size (projected SGD; see the module docstring)
     min_lr: float = 1e-6
+    #: expert segments per iteration, loss = their mean (official: 1); split over torchrun ranks (docstring)
+    segments: int = 1
 
 
 #: Per-setting commands of the official README (anchors.md 2.5; DC-BENCH methods/tm/readme.md, "parameters
@@ -130,7 +140,7 @@ class TrajectoryMatching(Distiller):
                               f"--dataset ... --out DIR`) or method.experts=DIR")
         if cfg.grad_mode not in GRAD_MODES:
             raise ConfigError(f"method.grad_mode={cfg.grad_mode!r}: expected one of {', '.join(GRAD_MODES)}")
-        for key in ("syn_steps", "expert_epochs", "max_start_epoch"):
+        for key in ("syn_steps", "expert_epochs", "max_start_epoch", "segments"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"method.{key} must be >= 1, got {getattr(cfg, key)}")
         if cfg.batch_syn < 0 or cfg.lr_teacher <= 0 or cfg.min_lr <= 0:
@@ -207,25 +217,41 @@ class TrajectoryMatching(Distiller):
         return num, den, {}
 
     def loss(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Mean normalised distance over ``segments`` segments (under torchrun: this rank's share of the sum)."""
         cfg = self.config
-        expert, t = self.draw_segment(generator)
         device = syn.images.device
         dtype = syn.images.dtype
-        start = {k: v.to(dtype) for k, v in self.store.load(expert, t, device).items()}
-        target = {k: v.to(dtype) for k, v in self.store.load(expert, t + cfg.expert_epochs, device).items()}
-        plan = self.plan_batches(len(syn), generator, device)
-        final = self.student_endpoint(syn, start, plan)
-        num, den, extra = self.distance(final, start, target)
-        return num / den, {"start_epoch": float(t), "expert": float(expert), **extra}
+        draws = [(*self.draw_segment(generator), self.plan_batches(len(syn), generator, device))
+                 for _ in range(cfg.segments)]
+        total: Tensor | None = None
+        metrics: dict[str, float] = {}
+        for s in distributed.shard(range(cfg.segments)):
+            expert, t, plan = draws[s]
+            start = {k: v.to(dtype) for k, v in self.store.load(expert, t, device).items()}
+            target = {k: v.to(dtype) for k, v in self.store.load(expert, t + cfg.expert_epochs, device).items()}
+            final = self.student_endpoint(syn, start, plan)
+            num, den, extra = self.distance(final, start, target)
+            total = num / den if total is None else total + num / den
+            if s == 0:
+                metrics = {"start_epoch": float(t), "expert": float(expert), **extra}
+        if total is None:  # more ranks than segments: nothing to unroll here, a zero gradient
+            total = sum(p.sum() for group in self.optimizer.param_groups for p in group["params"]) * 0.0
+        return total / cfg.segments, metrics
 
     def step(self, it: int, real: RealData, syn: SyntheticSet, generator: torch.Generator) -> dict[str, float]:
         assert self.optimizer is not None, "setup() must run before step()"
         loss, metrics = self.loss(it, real, syn, generator)
         value = float(loss.detach())
         self.optimizer.zero_grad(set_to_none=True)
+        if distributed.active():  # every rank joins the sum, whatever its own loss; the checks below see the total
+            loss.backward()
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            value = distributed.sum_gradients_(params, value)
         if not math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
             return {"loss": value, **metrics}  # nothing applied; the engine stops and keeps the last checkpoint
-        loss.backward()
+        if not distributed.active():
+            loss.backward()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             self.optimizer.zero_grad(set_to_none=True)
