@@ -24,6 +24,7 @@ from .data import load_dataset
 from .data.preprocess import Preprocess
 from .data.realdata import RealData
 from .engine import Callback, GridSaver, MetricsLogger, PeriodicEval, ProgressBar, distill as run_engine, make_generator
+from .engine.loggers import Fanout, check_loggers, make_loggers
 from .engine.runfolder import RunFolder, check_resume, run_record
 from .errors import ConfigError, DataError
 from .evaluation import EvalProtocol
@@ -165,6 +166,7 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     out = Path(out_dir)
     folder = RunFolder(out)
     check_run_config(cfg)
+    check_loggers(cfg.engine.loggers)  # a missing extra fails here, naming it, before any work
     folder.check_start(resume=resume, overwrite=overwrite)
     real = load_dataset(cfg.dataset, cfg.data.root, zca=cfg.data.zca, zca_eps=cfg.data.zca_eps,
                         image_size=cfg.data.image_size)
@@ -176,11 +178,13 @@ def run_from_config(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False
     logger = MetricsLogger(out / "metrics.jsonl")
     callbacks: list[Any] = [ConfigWriter(out / "config.yaml", yaml_dump(to_yaml_dict(cfg, mcfg))), logger,
                             GridSaver(out, cfg.engine.grid_every)]
+    loggers = make_loggers(cfg.engine.loggers, out, to_yaml_dict(cfg, mcfg))
+    callbacks += loggers
     if cfg.engine.progress:
         callbacks.insert(0, ProgressBar())
     if cfg.engine.eval_every > 0:
         protocol = EvalProtocol(runs=cfg.engine.eval_runs, epochs=cfg.engine.eval_epochs)
-        callbacks.append(PeriodicEval(cfg.engine.eval_every, protocol, logger, device=str(dev)))
+        callbacks.append(PeriodicEval(cfg.engine.eval_every, protocol, Fanout(logger, *loggers), device=str(dev)))
     data_options = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "root"}
     info = {"data.root": cfg.data.root}
     with main_lock(folder):

@@ -33,6 +33,8 @@ class EngineConfig:
     eval_epochs: int = 300
     grid_every: int = 0
     progress: bool = True
+    #: optional loggers beside metrics.jsonl: "tensorboard", "wandb" or both, comma-separated (engine/loggers.py)
+    loggers: str = ""
 
 
 @dataclass

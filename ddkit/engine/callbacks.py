@@ -30,6 +30,10 @@ class RunState:
 
 
 class Callback:
+    #: under torchrun callbacks run on rank 0 alone, except those that take part in collective work themselves
+    #: (periodic evaluation deals its runs over the ranks); they must leave writing to rank 0
+    all_ranks: bool = False
+
     def on_start(self, state: RunState) -> None: ...
 
     def on_iteration_end(self, state: RunState) -> None: ...
@@ -95,7 +99,13 @@ class MetricsLogger(Callback):
 
 class PeriodicEval(Callback):
     """Evaluates the current synthetic set every ``every`` iterations (its own random stream: never perturbs
-    distillation) and records ``eval_acc``/``eval_std`` in the metrics."""
+    distillation) and records ``eval_acc``/``eval_std`` in the metrics.
+
+    Under torchrun it runs on every rank, which share the evaluation runs (``ddkit.evaluation`` deals them over
+    the ranks and gathers the rows); rank 0 alone logs and prints.
+    """
+
+    all_ranks = True
 
     def __init__(self, every: int, protocol, logger: MetricsLogger | None = None, device: str = "cpu") -> None:
         self.every = every
@@ -114,10 +124,13 @@ class PeriodicEval(Callback):
             self.run(state)
 
     def run(self, state: RunState) -> None:
+        from .. import distributed
         from ..evaluation import evaluate
 
         start = time.perf_counter()
         report = evaluate(state.syn, state.real, self.protocol, seed=state.seed, device=self.device)
+        if not distributed.is_main():
+            return
         for model, s in report.summary().items():
             record = {"it": state.iteration, "eval_model": model, "eval_acc": s["mean"], "eval_std": s["std"],
                       "eval_seconds": time.perf_counter() - start}

@@ -53,11 +53,11 @@ def distill(
         iterations = 0
     # under torchrun (ddkit/distributed.py) every rank runs the loop on the same set with the same generator (the
     # sharding methods all-reduce their gradients, so the ranks stay identical); rank 0 alone runs the callbacks
-    # (logs, grids, evaluation, run-folder files) and writes checkpoints, after every rank has set up and read
-    # any checkpoint it resumes from
+    # (logs, loggers, grids, run-folder files; periodic evaluation runs on all ranks, which share its runs) and
+    # writes checkpoints, after every rank has set up and read any checkpoint it resumes from
     main = distributed.is_main()
     if not main:
-        callbacks = ()
+        callbacks = [cb for cb in callbacks if getattr(cb, "all_ranks", False)]
     distributed.barrier()
     run = RunState(start_it, iterations, start_it, {}, syn, real, seed, 0.0, distiller.name,
                    Path(checkpoint_dir) if checkpoint_dir else None)
@@ -95,7 +95,7 @@ def distill(
                             run_record=run_record)
             last_good = it
     run.elapsed = time.perf_counter() - t0
-    for cb in callbacks:
+    for cb in reversed(callbacks):  # last started, first ended: the final evaluation still finds the logs open
         cb.on_end(run)
     if main and checkpoint_dir is not None and iterations > start_it:
         save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator,
