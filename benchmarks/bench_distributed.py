@@ -5,7 +5,9 @@ data loading, for torchrun the rendezvous), which is what a user waits for.  Com
 ``--repeats`` times each, medians reported:
 
 - evaluate: a random-real digits set at IPC 10 (100 images), ``--runs R --epochs E`` (ConvNet, field protocol);
-- experts:  ``ddkit experts --dataset digits --num-experts N --epochs E``.
+- experts:  ``ddkit experts --dataset digits --num-experts N --epochs E``;
+- dsa (optional, ``--cases evaluate,experts,dsa``): ``ddkit distill --method dsa`` on digits (classes split over
+  the ranks, image gradients all-reduced), ``--dsa-ipc``/``--dsa-iterations``, ``method.batch_real=64``.
 
 Run under the benchmark lock so timings do not overlap other benchmarks::
 
@@ -57,7 +59,11 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=300)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--expert-epochs", type=int, default=3)
+    ap.add_argument("--dsa-ipc", type=int, default=10)
+    ap.add_argument("--dsa-iterations", type=int, default=2)
+    ap.add_argument("--cases", default="evaluate,experts", help="comma-separated: evaluate, experts, dsa")
     args = ap.parse_args()
+    chosen = [c.strip() for c in args.cases.split(",") if c.strip()]
     work = Path(tempfile.mkdtemp(prefix="ddkit-bench-dist-"))
     try:
         synset = make_set(work / "set", 10)
@@ -65,17 +71,32 @@ def main() -> None:
                     "--device", "cpu", "--eval-log", str(work / "log.jsonl")]
         experts = ["experts", "--dataset", "digits", "--num-experts", str(args.experts), "--epochs",
                    str(args.expert_epochs), "--device", "cpu", "--quiet"]
+        dsa = ["distill", "--method", "dsa", "--dataset", "digits", "--ipc", str(args.dsa_ipc), "--iterations",
+               str(args.dsa_iterations), "--device", "cpu", "--no-progress", "--set", "method.batch_real=64",
+               "--out", str(work / "store")]
         cases = {
             "evaluate": (lambda: DDKIT + evaluate, lambda: TORCHRUN + evaluate),
             "experts": (lambda: DDKIT + experts + ["--out", str(work / "store")],
                         lambda: TORCHRUN + experts + ["--out", str(work / "store")]),
+            "dsa": (lambda: DDKIT + dsa, lambda: TORCHRUN + dsa),
         }
-        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, repeats {args.repeats}")
-        print("| command | budget | 1 process x 2 threads (s) | 2 ranks x 1 thread (s) | speed-up |")
+        budgets = {
+            "evaluate": f"digits IPC 10, {args.eval_runs} ConvNet runs x {args.eval_epochs} epochs",
+            "experts": f"digits, {args.experts} experts x {args.expert_epochs} epochs",
+            "dsa": f"digits IPC {args.dsa_ipc}, {args.dsa_iterations} DSA outer iterations, batch_real 64",
+        }
+        unknown = [c for c in chosen if c not in cases]
+        if unknown:
+            raise SystemExit(f"unknown case(s) {', '.join(unknown)}; expected {', '.join(cases)}")
+        load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, repeats {args.repeats}, "
+              f"load average at start {' '.join(load)}")
+        print("| command | budget | 1 process x 2 threads: median (each) s | 2 ranks x 1 thread: median (each) s "
+              "| speed-up |")
         print("|---|---|---|---|---|")
-        for name, (single, multi) in cases.items():
-            budget = (f"digits IPC 10, {args.eval_runs} ConvNet runs x {args.eval_epochs} epochs" if name == "evaluate"
-                      else f"digits, {args.experts} experts x {args.expert_epochs} epochs")
+        for name in chosen:
+            single, multi = cases[name]
+            budget = budgets[name]
             one, two = [], []
             for _ in range(args.repeats):
                 for out, make, threads in ((one, single, 2), (two, multi, 1)):
@@ -83,7 +104,8 @@ def main() -> None:
                     (work / "log.jsonl").unlink(missing_ok=True)
                     out.append(timed(make(), threads, work))
             a, b = statistics.median(one), statistics.median(two)
-            print(f"| {name} | {budget} | {a:.1f} | {b:.1f} | {a / b:.2f}x |", flush=True)
+            each = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+            print(f"| {name} | {budget} | {a:.1f} ({each(one)}) | {b:.1f} ({each(two)}) | {a / b:.2f}x |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
