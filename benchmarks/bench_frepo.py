@@ -1,9 +1,13 @@
 """FRePo on Fashion-MNIST (CPU): seconds per iteration, peak memory, and accuracy under both protocols.
 
-Each measurement runs in a fresh process (peak RSS is per process) under the shared lock::
+Each measurement runs in a fresh process (peak RSS is per process) under the shared lock, in chunks that each
+fit a turn of the lock (the set is saved, and ``evaluate`` adds trained models to the result file one by one)::
 
-    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_frepo run --ipc 1 --iters 100
-    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_frepo run --ipc 10 --iters 100
+    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_frepo run --ipc 1 --iters 100 --runs 0
+    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_frepo evaluate frepo_fm_ipc1_it100 --protocol field \
+        --which after,init --runs 2 --epochs 300
+    flock /tmp/ddkit-bench.lock python -m benchmarks.bench_frepo evaluate frepo_fm_ipc1_it100 --protocol frepo \
+        --which after,init --runs 2
     python -m benchmarks.bench_frepo report        # the markdown table for RESULTS.md
 
 ``run`` distills with ``frepo``'s defaults (``script/distill.py``: 10 pool networks reset after 100 updates,
@@ -23,6 +27,7 @@ iterations).  Full-budget commands for a GPU are printed by ``report``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,7 +41,8 @@ import torch
 from .common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent
-WORK = ROOT / "results" / "frepo"
+RESULTS = ROOT / "results" / "frepo"  # one JSON per run (committed)
+SETS = ROOT / "_work" / "frepo"  # the distilled sets, for ``evaluate`` and ``ddkit evaluate``
 DATA = os.environ.get("DDKIT_DATA", str(ROOT.parent.parent / "shared" / "data"))
 
 #: FRePo Tab. 1 (anchors.md 1b, [R]): Fashion-MNIST, ConvNet, FRePo's own evaluation, 500k distillation steps.
@@ -49,11 +55,29 @@ ddkit evaluate runs/frepo_fm{ipc} --protocol frepo --device cuda     # FRePo eva
 ddkit evaluate runs/frepo_fm{ipc} --device cuda                      # the field's protocol: 5 x 1000 epochs"""
 
 
+def _protocol(name: str, runs: int, epochs: int, steps: int | None):
+    """The two protocols the table reports: the field's (``--epochs``) and FRePo's ``eval.py`` (its own steps)."""
+    from ddkit.evaluation import EvalProtocol
+
+    if name == "field":
+        return EvalProtocol(runs=runs, epochs=epochs)
+    if name == "frepo":
+        return EvalProtocol.named("frepo", runs=runs, **({"steps": steps} if steps else {}))
+    raise SystemExit(f"unknown protocol {name!r} (field or frepo)")
+
+
+def _result_path(name: str) -> Path:
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"no result file {path}: run `bench_frepo run` first")
+    return path
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from ddkit.data import load_dataset
     from ddkit.engine import distill, make_generator
     from ddkit.engine.callbacks import Callback
-    from ddkit.evaluation import EvalProtocol, evaluate
+    from ddkit.io import atomic_write_json
     from ddkit.methods import create_distiller
     from ddkit.synthetic import SyntheticSet
 
@@ -76,6 +100,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             self.rows.append({k: float(v) for k, v in state.metrics.items()})
 
     record = Record()
+    load_start = os.getloadavg()
     rss_before = peak_rss_mib()
     t0 = time.perf_counter()
     distill(distiller, real, syn, iterations=args.iters, seed=args.seed, callbacks=[record])
@@ -83,38 +108,80 @@ def cmd_run(args: argparse.Namespace) -> None:
     peak_distill = peak_rss_mib()
     secs = [r["seconds"] for r in record.rows]
     steady = secs[min(args.warmup, len(secs) - 1):] or secs
-
-    accs: dict[str, dict[str, list[float]]] = {}
-    init = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"))
-    protocols = {"field": EvalProtocol(runs=args.runs, epochs=args.epochs),
-                 "frepo": EvalProtocol.named("frepo", runs=args.runs)}
-    eval_s: dict[str, float] = {}
-    for name, protocol in protocols.items():
-        if args.runs <= 0 or name not in args.protocols.split(","):
-            continue
-        t1 = time.perf_counter()
-        accs[name] = {"init": [r.accuracy for r in evaluate(init, real, protocol, seed=args.seed).rows],
-                      "after": [r.accuracy for r in evaluate(syn, real, protocol, seed=args.seed).rows]}
-        eval_s[name] = time.perf_counter() - t1
+    name = f"frepo_fm_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
+    syn.meta.update({"method": "frepo", "ipc": args.ipc, "iterations": args.iters, "seed": args.seed})
+    set_dir = syn.cpu().save(SETS / name)
     cfg = distiller.config
     result: dict[str, Any] = {
-        "ipc": args.ipc, "iters": args.iters, "seed": args.seed, "overrides": overrides,
+        "ipc": args.ipc, "iters": args.iters, "seed": args.seed, "overrides": overrides, "set": str(set_dir),
         "config": {k: getattr(cfg, k) for k in ("model", "batch_real", "num_models", "max_online_updates",
-                                                "lr_img", "optimizer", "iterations", "flip")},
-        "median_s": statistics.median(steady), "seconds": secs, "distill_s": distill_s,
+                                                "lr_img", "lr_final_ratio", "decay_iterations", "optimizer",
+                                                "iterations", "flip")},
+        "median_s": statistics.median(steady), "seconds": secs, "warmup": args.warmup, "distill_s": distill_s,
         "peak_rss_mib_distill": peak_distill, "peak_rss_mib_before": rss_before,
         "kernel_loss": [r.get("kernel_loss") for r in record.rows], "krr_acc": [r.get("krr_acc") for r in record.rows],
-        "accuracy": accs, "protocols": {k: p.to_json() for k, p in protocols.items() if k in accs},
-        "eval_s": eval_s,
+        "evals": {}, "protocols": {},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "?",
-                    "load_avg_at_start": os.getloadavg()},
+                    "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg()},
     }
-    from ddkit.io import atomic_write_json
+    print(atomic_write_json(RESULTS / f"{name}.json", result))
+    print(json.dumps({"median_s": result["median_s"], "peak_rss_mib": peak_distill}))
+    if args.runs > 0:
+        for protocol in args.protocols.split(","):
+            _evaluate_into(name, protocol, ["after", "init"], args.runs, args.epochs, None, args.data_root, 0,
+                           args.threads)
 
-    name = f"frepo_fm_ipc{args.ipc}_it{args.iters}" + (f"_{args.tag}" if args.tag else "")
-    path = atomic_write_json(WORK / f"{name}.json", result)
-    print(path)
-    print(json.dumps({"median_s": result["median_s"], "peak_rss_mib": peak_distill, "accuracy": accs}))
+
+def _evaluate_into(name: str, protocol_name: str, which: list[str], runs: int, epochs: int, steps: int | None,
+                   data_root: str, max_new: int, threads: int) -> None:
+    """Train the models of ``protocol_name`` not yet in the result file on the distilled set ("after") or its
+    real-image initialisation ("init"), writing the file after every model (a killed chunk keeps its models)."""
+    from ddkit.data import load_dataset
+    from ddkit.engine import make_generator
+    from ddkit.evaluation import evaluate
+    from ddkit.evaluation.report import Row
+    from ddkit.io import atomic_write_json
+    from ddkit.synthetic import SyntheticSet
+
+    torch.set_num_threads(threads)
+    path = _result_path(name)
+    result = json.loads(path.read_text())
+    protocol = _protocol(protocol_name, runs, epochs, steps)
+    stored = result.setdefault("protocols", {}).get(protocol_name)
+    budget = {k: v for k, v in protocol.to_json().items() if k != "runs"}
+    if stored is not None and {k: v for k, v in stored.items() if k != "runs"} != budget:
+        raise SystemExit(f"{name}: {protocol_name} models were trained under another budget ({stored}); "
+                         f"use the same --epochs/--steps")
+    result["protocols"][protocol_name] = protocol.to_json()
+    real = load_dataset("fashion-mnist", data_root)
+    for kind in which:
+        if kind == "after":
+            syn = SyntheticSet.load(result["set"])
+        elif kind == "init":
+            syn = SyntheticSet.from_real(real, result["ipc"], make_generator(result["seed"], "init"))
+        else:
+            raise SystemExit(f"--which takes after and/or init, got {kind!r}")
+        rows = result.setdefault("evals", {}).setdefault(protocol_name, {}).setdefault(kind, [])
+        done = [Row("frepo", "fashion-mnist", result["ipc"], r["model"], r["run"], result["seed"], r["accuracy"],
+                    r["seconds"] or 0.0) for r in rows]
+        limit = runs if max_new <= 0 else min(runs, len(done) + max_new)
+        if limit <= len(done):
+            continue
+
+        def keep(row: Row, rows=rows) -> None:
+            rows.append({"model": row.model, "run": int(row.run), "accuracy": row.accuracy, "seconds": row.seconds,
+                         "load_avg": os.getloadavg()})
+            atomic_write_json(path, result)
+            print(f"{name} {protocol_name} {kind} run {row.run}: {row.accuracy:.2f} % ({row.seconds:.0f} s)",
+                  flush=True)
+
+        evaluate(syn, real, dataclasses.replace(protocol, runs=limit), seed=result["seed"], on_row=keep, done=done)
+    atomic_write_json(path, result)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _evaluate_into(args.name, args.protocol, args.which.split(","), args.runs, args.epochs, args.steps,
+                   args.data_root, args.max_new, args.threads)
 
 
 def _ms(xs: list[float]) -> str:
@@ -127,28 +194,33 @@ def cmd_report(args: argparse.Namespace) -> None:
     from ddkit.evaluation.protocol import frepo_steps
 
     rows = []
-    for path in sorted(WORK.glob("*.json")):
+    for path in sorted(RESULTS.glob("*.json")):
         row = json.loads(path.read_text())
         # runs tagged acc* ran niced beside other jobs for their accuracy only: their s/it is not a timing
         row["timed"] = "_acc" not in path.stem
         rows.append(row)
-    lines = ["| IPC | iterations (settings) | s/it (median) | peak RSS MiB | field protocol: init -> after |"
-             " frepo protocol: init -> after | paper (500k it, frepo protocol) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| IPC | iterations (settings) | s/it (median) | peak RSS MiB | KRR acc. on the real batch, first -> "
+             "last 10 its | field protocol: init -> after | frepo protocol: init -> after | paper (500k it, frepo "
+             "protocol) |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["ipc"], r["iters"], json.dumps(r["overrides"]))):
         cells = []
         for name in ("field", "frepo"):
-            acc = r["accuracy"].get(name)
+            acc = r.get("evals", {}).get(name)
             if not acc:
                 cells.append("not run")
                 continue
             p = r["protocols"][name]
-            budget = f"{p['epochs']} ep" if p.get("steps") is None else f"{frepo_steps(10 * r['ipc'])} steps"
-            cells.append(f"{_ms(acc['init'])} -> {_ms(acc['after'])} ({p['runs']} x {budget})")
+            budget = f"{p['epochs']} ep" if p.get("steps") is None else \
+                f"{frepo_steps(10 * r['ipc']) if p['steps'] == 'frepo' else p['steps']} steps"
+            init, after = ([x["accuracy"] for x in acc.get(k, [])] for k in ("init", "after"))
+            cells.append(f"{_ms(init)} -> {_ms(after)} ({max(len(init), len(after))} x {budget})")
         settings = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "defaults"
         speed = f"{r['median_s']:.2f}" if r["timed"] else "(not timed)"
+        krr = [x for x in r.get("krr_acc", []) if x is not None]
+        krr_cell = f"{statistics.fmean(krr[:10]):.1f} -> {statistics.fmean(krr[-10:]):.1f}" if krr else "–"
         lines.append(f"| {r['ipc']} | {r['iters']} ({settings}; real batch {r['config']['batch_real']}) | {speed} | "
-                     f"{r['peak_rss_mib_distill']:.0f} | {cells[0]} | {cells[1]} | {PAPER.get(r['ipc'], '–')} |")
+                     f"{r['peak_rss_mib_distill']:.0f} | {krr_cell} | {cells[0]} | {cells[1]} | "
+                     f"{PAPER.get(r['ipc'], '–')} |")
     print("\n".join(lines))
     print()
     for ipc in (1, 10):
@@ -162,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ipc", type=int, default=1)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=2, help="first iterations left out of the median")
-    p.add_argument("--runs", type=int, default=2, help="fresh networks per set and protocol (0: no evaluation)")
+    p.add_argument("--runs", type=int, default=0, help="fresh networks per set and protocol (0: evaluate later)")
     p.add_argument("--epochs", type=int, default=300, help="epochs of the field's protocol (paper: 1000)")
     p.add_argument("--protocols", default="field,frepo")
     p.add_argument("--seed", type=int, default=0)
@@ -171,6 +243,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", default="", help='JSON FRePoConfig overrides, e.g. \'{"lr_img": 0.003}\'')
     p.add_argument("--tag", default="")
     p.set_defaults(func=cmd_run)
+    e = sub.add_parser("evaluate", help="add trained models to a run's result file (resumable, model by model)")
+    e.add_argument("name", help="result file stem, e.g. frepo_fm_ipc1_it100")
+    e.add_argument("--protocol", choices=["field", "frepo"], required=True)
+    e.add_argument("--which", default="after,init", help="after (the distilled set) and/or init (its start)")
+    e.add_argument("--runs", type=int, default=2, help="models per set in total")
+    e.add_argument("--epochs", type=int, default=300, help="epochs of the field's protocol (paper: 1000)")
+    e.add_argument("--steps", type=int, default=None, help="frepo protocol: override eval.py's step budget")
+    e.add_argument("--max-new", type=int, default=0, help="train at most this many models now (0: all missing)")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--data-root", default=DATA)
+    e.set_defaults(func=cmd_evaluate)
     r = sub.add_parser("report")
     r.set_defaults(func=cmd_report)
     args = parser.parse_args(argv)

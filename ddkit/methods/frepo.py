@@ -65,7 +65,8 @@ from .base import DistillConfig, Distiller
 from .common import dataset_dsa_strategy
 
 #: ``label_kind`` metadata of a synthetic set whose labels are regression targets (centred one-hot vectors,
-#: possibly learned), not class probabilities; evaluation trains on them with a squared-error loss.
+#: possibly learned), not class probabilities; ``--protocol frepo`` regresses on them with a squared-error loss,
+#: the field's protocol trains on each image's argmax class with cross-entropy.
 REGRESSION_LABELS = "regression"
 
 

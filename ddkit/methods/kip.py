@@ -56,7 +56,8 @@ class KIPConfig(DistillConfig):
     #: ``class_balanced_sample(SUPPORT_SIZE, ...)`` of the training images
     init: str = "real"
     #: ``LEARN_LABELS = False``; learned labels are ``[N, C]`` regression targets (centred one-hot to start;
-    #: the set is marked ``label_kind = "regression"``, so ``ddkit evaluate`` trains on them with squared error)
+    #: the set is marked ``label_kind = "regression"``: ``ddkit evaluate --protocol frepo`` regresses on them,
+    #: the field's protocol trains with cross-entropy on each image's argmax class)
     learn_labels: bool = False
     #: real images per step, class-balanced (colab ``TARGET_BATCH_SIZE = 5000``).  5000 is kept: with the
     #: default FC kernel a step is one 5000 x n_s kernel, 0.9 / 1.9 s on 2 busy CPU cores at Fashion-MNIST IPC 1 /
@@ -95,8 +96,9 @@ def kernel_spec(cfg: KIPConfig) -> KernelSpec:
     return KernelSpec(arch=cfg.arch, depth=cfg.depth, get=cfg.kernel, w_std=cfg.w_std, b_std=cfg.b_std)
 
 
-#: ``meta["label_kind"]`` of a set whose labels are regression targets (the convention FRePo's sets use too): the
-#: evaluation protocol then trains on them with a squared-error loss, as KIP's "KIP to NN" transfer does
+#: ``meta["label_kind"]`` of a set whose labels are regression targets (the convention FRePo's sets use too): a
+#: centred-target protocol (``frepo``) regresses on them with a squared-error loss, as KIP's "KIP to NN" transfer
+#: does; the field's protocol trains on each image's argmax class (``ddkit.evaluation.protocol.evaluate_tensors``)
 REGRESSION_LABELS = "regression"
 
 
