@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -150,6 +151,24 @@ def broadcast_(tensors: Sequence[Tensor], src: int = 0) -> None:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+
+def check_in_step(tensors: dict[str, Tensor], where: str) -> None:
+    """Raise on every rank if the ranks hold different ``tensors`` (compared by SHA-256 of their bytes).
+
+    Every rank of a distillation must hold the same synthetic set and random-stream state, since rank 0's
+    checkpoint is what all of them resume from; a difference means a method drew or updated out of step, which
+    would otherwise pass silently.  The digests are gathered, so all ranks reach the same verdict and none waits.
+    """
+    if not active():
+        return
+    mine = {k: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            .hexdigest() for k, t in tensors.items()}
+    everyone = all_gather_objects(mine)
+    differ = [k for k in mine if any(d.get(k) != mine[k] for d in everyone)]
+    if differ:
+        raise DDKitError(f"{where}: the torchrun ranks hold different {', '.join(differ)}; every rank must take "
+                         "the same step (a method that draws or updates out of step across ranks is a bug)")
 
 
 def all_reduce_sum(value: float) -> float:

@@ -138,3 +138,151 @@ def test_dm_two_ranks_resumed_equal_one_process_up_to_float_order(digits, tmp_pa
               for d in ("one", "two")]
     assert len(losses[1]) == 4  # the resumed run appended iterations 3 and 4 to the log of 1 and 2
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ DC / DSA distill
+def _dc_distiller(name: str, real, syn):
+    from ddkit.api import method_config
+    from ddkit.engine.seeding import make_generator
+    from ddkit.methods import create_distiller
+
+    cfg = method_config(name, real.name, 2, {"model": "convnet_w32", "batch_real": 12, "init": "real"})
+    d = create_distiller(name, cfg, device="cpu", speed="plain")
+    d.setup(real, syn, make_generator(0, "setup"))
+    return d
+
+
+@pytest.mark.parametrize("name", ["dc", "dsa"])
+def test_dc_class_shards_sum_to_the_whole_matching_step(name, digits, monkeypatch, one_thread):
+    """What each rank computes (its classes' terms, after drawing everything) sums to the single-process loss and
+    image gradient, and leaves the generator where the single process leaves it (DSA's siamese parameters)."""
+    from ddkit.engine.seeding import make_generator
+    from ddkit.synthetic import SyntheticSet
+
+    syn = SyntheticSet.from_real(digits, 2, make_generator(0, "init"), init="real")
+    d = _dc_distiller(name, digits, syn)
+    net = d.new_network(digits, make_generator(0, "net")).train()
+    gen = make_generator(0, "step")
+    before = gen.get_state()
+
+    def run(classes):
+        gen.set_state(before)
+        monkeypatch.setattr(distributed, "class_shard", lambda k: classes)
+        loss = d.matching_loss(net, digits, syn, gen)
+        return float(loss.detach()), torch.autograd.grad(loss, syn.images)[0], gen.get_state()
+
+    whole = run(None)
+    parts = [run([0, 2, 4, 6, 8]), run([1, 3, 5, 7, 9])]
+    assert whole[1].abs().sum() > 0
+    assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-5)
+    torch.testing.assert_close(parts[0][1] + parts[1][1], whole[1], rtol=1e-4, atol=1e-7)
+    assert all(torch.equal(p[2], whole[2]) for p in parts)  # every rank drew the same numbers
+    # a rank's gradient touches only its own classes' images
+    rows = syn.hard_labels() % 2 == 1
+    assert parts[0][1][rows].abs().sum() == 0 and parts[1][1][~rows].abs().sum() == 0
+    assert float(run([])[1].abs().sum()) == 0.0  # more ranks than classes: zero
+
+
+def test_dsa_two_ranks_resumed_equal_one_process_with_periodic_evaluation(digits, tmp_path, one_thread):
+    """DSA over 2 ranks (classes split, gradients summed, rank 0's inner network broadcast), stopped after 2
+    iterations and resumed to 3, equals one process; periodic evaluation shares its runs over the ranks."""
+    from ddkit.synthetic import SyntheticSet
+
+    flags = ["--method", "dsa", "--dataset", "digits", "--ipc", "2", "--no-progress", "--device", "cpu",
+             "--set", "speed=plain", "--set", "method.batch_real=12", "--set", "method.model=convnet_w32",
+             "--set", "engine.eval_every=2", "--set", "engine.eval_runs=2", "--set", "engine.eval_epochs=3"]
+    assert main(["distill", *flags, "--iterations", "3", "--out", str(tmp_path / "one")]) == 0
+    ok(torchrun("distill", *flags, "--iterations", "2", "--out", str(tmp_path / "two"), cwd=tmp_path))
+    proc = ok(torchrun("distill", *flags, "--iterations", "3", "--out", str(tmp_path / "two"), "--resume",
+                       cwd=tmp_path))
+    assert proc.stdout.count("wrote") == 1  # rank 0 alone writes
+    one, two = SyntheticSet.load(tmp_path / "one"), SyntheticSet.load(tmp_path / "two")
+    torch.testing.assert_close(two.images, one.images, rtol=1e-5, atol=1e-5)
+    logs = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    losses = [[r["loss"] for r in log if "loss" in r] for log in logs]
+    assert len(losses[1]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    evals = [[(r["it"], r["eval_acc"]) for r in log if "eval_acc" in r] for log in logs]
+    assert [it for it, _ in evals[1]] == [it for it, _ in evals[0]] == [2, 3]
+    assert [a for _, a in evals[1]] == pytest.approx([a for _, a in evals[0]], abs=1.0)  # same set up to float order
+
+
+# ------------------------------------------------------------------------------------------------ MTT segments
+@pytest.fixture(scope="module")
+def tiny_store(digits, tmp_path_factory):
+    from ddkit.experts import ExpertConfig, train_experts
+
+    config = ExpertConfig(model="convnet_w32", epochs=2, lr=0.05, test_every_epoch=False, speed="plain")
+    return str(train_experts(digits, config, tmp_path_factory.mktemp("store") / "experts", 2, seed=0).root)
+
+
+MTT_OPTIONS = {"model": "convnet_w32", "syn_steps": 2, "expert_epochs": 1, "max_start_epoch": 2, "lr_img": 100.0,
+               "lr_teacher": 0.05}
+
+
+def test_mtt_segment_shards_sum_to_the_whole_step(digits, tiny_store, monkeypatch, one_thread):
+    from ddkit.api import method_config
+    from ddkit.engine.seeding import make_generator
+    from ddkit.errors import ConfigError
+    from ddkit.methods import create_distiller
+    from ddkit.synthetic import SyntheticSet
+
+    syn = SyntheticSet.from_real(digits, 1, make_generator(0, "init"))
+    cfg = method_config("ddpp", "digits", 1, {**MTT_OPTIONS, "experts": tiny_store, "segments": 3})
+    d = create_distiller("ddpp", cfg, device="cpu", speed="plain")
+    d.setup(digits, syn, make_generator(0, "setup"))
+    gen = make_generator(0, "step")
+    before = gen.get_state()
+    wrt = [syn.images, syn.extras["lr"]]
+
+    def run(segments):
+        gen.set_state(before)
+        if segments is not None:
+            monkeypatch.setattr(distributed, "shard", lambda items: [items[s] for s in segments])
+        loss, metrics = d.loss(1, digits, syn, gen)
+        return float(loss.detach()), torch.autograd.grad(loss, wrt), gen.get_state(), metrics
+
+    whole = run(None)
+    parts = [run([0, 2]), run([1])]
+    assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-5)
+    for i in range(len(wrt)):
+        torch.testing.assert_close(parts[0][1][i] + parts[1][1][i], whole[1][i], rtol=1e-4, atol=1e-8)
+    assert all(torch.equal(p[2], whole[2]) for p in parts)
+    assert parts[0][3] == whole[3] and "pruned" in whole[3]  # metrics describe segment 0, which rank 0 holds
+    assert float(run([])[0]) == 0.0
+    with pytest.raises(ConfigError, match="segments must be >= 1"):
+        create_distiller("mtt", method_config("mtt", "digits", 1, {**MTT_OPTIONS, "experts": tiny_store,
+                                                                   "segments": 0})).setup(digits, syn, gen)
+
+
+def test_mtt_two_ranks_share_the_segments_and_equal_one_process(digits, tiny_store, tmp_path, one_thread):
+    from ddkit.synthetic import SyntheticSet
+
+    flags = ["--method", "mtt", "--dataset", "digits", "--ipc", "1", "--no-progress", "--device", "cpu",
+             "--iterations", "2", "--experts", tiny_store, "--set", "speed=plain", "--set", "method.segments=3",
+             *[a for k, v in MTT_OPTIONS.items() for a in ("--set", f"method.{k}={v}")]]
+    assert main(["distill", *flags, "--out", str(tmp_path / "one")]) == 0
+    ok(torchrun("distill", *flags, "--out", str(tmp_path / "two"), cwd=tmp_path))
+    one, two = SyntheticSet.load(tmp_path / "one"), SyntheticSet.load(tmp_path / "two")
+    assert not torch.equal(one.images, SyntheticSet.from_real(digits, 1, _init_gen()).images)  # it moved
+    torch.testing.assert_close(two.images, one.images, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two.learned_lr, one.learned_lr, rtol=1e-5, atol=1e-8)
+
+
+def _init_gen():
+    from ddkit.engine.seeding import make_generator
+
+    return make_generator(0, "init")
+
+
+# ------------------------------------------------------------------------------------------------ rank agreement
+def test_ranks_that_diverged_are_stopped_on_every_rank(monkeypatch):
+    from ddkit.errors import DDKitError
+
+    state = {"images": torch.ones(2, 3, dtype=torch.bfloat16), "generator state": torch.zeros(4, dtype=torch.uint8)}
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda mine: [mine, mine])
+    distributed.check_in_step(state, "iteration 5")  # agreement: nothing happens
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda mine: [mine, {**mine, "images": "other"}])
+    with pytest.raises(DDKitError, match="iteration 5: the torchrun ranks hold different images;"):
+        distributed.check_in_step(state, "iteration 5")

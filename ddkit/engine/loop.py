@@ -90,14 +90,25 @@ def distill(
         run.iteration, run.metrics, run.elapsed = it, metrics, time.perf_counter() - t0
         for cb in callbacks:
             cb.on_iteration_end(run)
-        if main and checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
-            save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator,
-                            run_record=run_record)
+        if checkpoint_dir is not None and checkpoint_every > 0 and it % checkpoint_every == 0:
+            if distributed.active():  # every rank resumes from rank 0's checkpoint: they must agree
+                distributed.check_in_step(in_step_state(syn, generator), f"iteration {it}")
+            if main:
+                save_checkpoint(checkpoint_dir, iteration=it, syn=syn, distiller=distiller, generator=generator,
+                                run_record=run_record)
             last_good = it
     run.elapsed = time.perf_counter() - t0
     for cb in reversed(callbacks):  # last started, first ended: the final evaluation still finds the logs open
         cb.on_end(run)
+    if distributed.active() and checkpoint_dir is not None and iterations > start_it:
+        distributed.check_in_step(in_step_state(syn, generator), f"iteration {iterations}")
     if main and checkpoint_dir is not None and iterations > start_it:
         save_checkpoint(checkpoint_dir, iteration=iterations, syn=syn, distiller=distiller, generator=generator,
                         run_record=run_record)
     return syn
+
+
+def in_step_state(syn, generator: torch.Generator) -> dict:
+    """What every torchrun rank must hold alike at a checkpoint: the synthetic tensors and the random stream."""
+    return {**{k: v for k, v in syn.tensors().items() if not k.startswith("preprocess")},
+            "generator state": generator.get_state()}
