@@ -57,15 +57,45 @@ def test_store_describes_itself_and_loads_by_epoch(digits, tiny_store):
         store.load(7, 0)
 
 
-def test_expert_is_train_model_with_the_official_settings(digits, tiny_store):
+def test_expert_is_train_model_with_the_official_settings(digits, tmp_path):
     """Epoch 1 of expert 0 equals train_model on the real images: SGD lr 0.05 (the test's), no momentum,
-    batch 256, DSA on every batch, the expert's own stream for init, order and augmentation."""
+    batch 256, DSA on every batch, the expert's own stream for init, order and augmentation (``speed=plain``:
+    the plain module's passes, so the same bits)."""
+    store = train_experts(digits, dataclasses.replace(TINY, epochs=1, speed="plain"), tmp_path / "plain", 1, seed=3)
     gen = make_generator(3, "expert", 0)
     with seeded_global(gen):
         net = create_model("mlp", channels=1, num_classes=10, image_size=(8, 8))
     train_model(net, digits.train_images, digits.train_labels, epochs=1, lr=0.05, generator=gen, momentum=0.0,
                 weight_decay=0.0, batch_size=256, decay_at_half=False, augment=resolve_dsa(None, "digits"))
-    assert _equal(tiny_store.load(0, 1), {k: p.detach() for k, p in net.named_parameters()})
+    assert _equal(store.load(0, 1), {k: p.detach() for k, p in net.named_parameters()})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "gsam"])
+def test_speed_layer_gives_the_plain_trajectory(digits, tmp_path, monkeypatch, optimizer):
+    """``speed=auto`` (CPU levers: the patch-statistics first stage, chunked passes) trains the expert that
+    ``speed=plain`` trains, up to float rounding, and the store records the same parameter names."""
+    from ddkit.accel import SpeedLayer, patchnorm
+
+    prepared = []
+    real_prepare = SpeedLayer.prepare
+
+    def spy(self, net):
+        out = real_prepare(self, net)
+        prepared.append((self.mode, patchnorm.installed(out)))
+        return out
+
+    monkeypatch.setattr(SpeedLayer, "prepare", spy)
+    cfg = ExpertConfig(model="convnet_w32", epochs=2, lr=0.05, test_every_epoch=False, optimizer=optimizer)
+    plain = train_experts(digits, dataclasses.replace(cfg, speed="plain"), tmp_path / "plain", 1, seed=5)
+    auto = train_experts(digits, cfg, tmp_path / "auto", 1, seed=5)
+    assert ("plain", False) in prepared and ("auto", True) in prepared  # the levers really were on
+    assert auto.spec == plain.spec  # the speed setting is not part of the store's identity
+    for epoch in range(3):
+        a, b = auto.load(0, epoch), plain.load(0, epoch)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert not _equal(auto.load(0, 2), auto.load(0, 0))  # it trained
 
 
 def test_interrupted_run_resumes_expert_by_expert_and_more_experts_extend(digits, tiny_store, tmp_path):
@@ -202,3 +232,6 @@ def test_cli_experts(tmp_path, capsys):
     assert "trained with other settings" in capsys.readouterr().err
     assert main(args + ["--set", "expert.lrr=1"]) == 2
     assert "unknown config key 'expert.lrr'; did you mean expert.lr" in capsys.readouterr().err
+    assert main(args + ["--set", "speed=fast"]) == 2
+    assert "speed must be one of auto, plain" in capsys.readouterr().err
+    assert main(args + ["--set", "speed=plain"]) == 0  # the store is complete: nothing to train, same identity

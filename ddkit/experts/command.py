@@ -1,8 +1,9 @@
 """``ddkit experts``: resolve the command line into an :class:`ExpertConfig` and train the missing experts.
 
 ``--set`` takes the data keys of ``ddkit distill`` (``data.zca``, ``data.zca_eps``, ``data.root``,
-``data.image_size``) and ``expert.<field>`` for the training options (``expert.lr``, ``expert.batch_size``,
-``expert.rho``, ``expert.alpha``, ``expert.dsa_strategy``, ...).
+``data.image_size``), its ``speed`` key (``auto|plain``: the speed layer, as for ``distill`` and ``evaluate``) and
+``expert.<field>`` for the training options (``expert.lr``, ``expert.batch_size``, ``expert.rho``,
+``expert.alpha``, ``expert.dsa_strategy``, ...).
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ def resolve(args: Any) -> tuple[ExpertConfig, DataConfig]:
     if getattr(args, "data_root", None):
         data.root = args.data_root
     known = [f"data.{f.name}" for f in dataclasses.fields(DataConfig)] + \
-            [f"expert.{f.name}" for f in dataclasses.fields(ExpertConfig)]
+            [f"expert.{f.name}" for f in dataclasses.fields(ExpertConfig)] + ["speed"]
     for key, value in parse_set(getattr(args, "set", []) or []):
         if key not in known:
             raise _unknown(key, known, "experts")
+        if key == "speed":  # distill's and evaluate's spelling of the one speed setting
+            key = "expert.speed"
         section, name = key.split(".", 1)
         target = data if section == "data" else config
         setattr(target, name, coerce(value, _type_hints(type(target))[name], key))

@@ -7,6 +7,14 @@ pass after every epoch (recorded per epoch, as the official script prints it).  
 (``load_dataset(..., zca=True)``, ``--set data.zca=true``); the store records which preprocessing was used.
 ``optimizer="gsam"`` trains FTD's flat experts (``gsam.py``).
 
+The speed layer (``ddkit/accel``, ``speed: auto|plain``) runs the training passes as it runs evaluation's: the
+network gets the device's module swaps (:meth:`SpeedLayer.prepare`: the patch-statistics first stage on CPU), and
+``train_model`` calls :meth:`SpeedLayer.train_forward` (cache-sized chunks on CPU, compiled when the whole run
+pushes enough pixels for the one rule :func:`~ddkit.accel.compiled.compile_pays_off`: every full-size store does).
+The same SGD steps up to float rounding (``tests/test_experts.py`` compares ``plain`` and ``auto`` trajectories),
+so the speed setting is not part of the store's identity; the parameter names and the per-epoch snapshots are
+those of the plain model.
+
 Every expert is trained by :func:`ddkit.evaluation.train.train_model`, one epoch per call, with the optimizer
 carried across calls, from its own random stream (``make_generator(seed, "expert", index)``: initialisation,
 batch order and augmentation).  An expert therefore does not depend on the others, so an interrupted run that
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
+from ..accel import SpeedLayer, check_speed
 from ..data.realdata import RealData
 from ..engine.seeding import make_generator, seeded_global
 from ..errors import ConfigError
@@ -61,6 +70,9 @@ class ExpertConfig:
     adaptive: bool = True  # GSAM only: buffer_FTD.py --adaptive default True
     #: test accuracy after every epoch (the official script does this; it is part of its per-epoch time)
     test_every_epoch: bool = True
+    #: how the passes run (the speed layer: "auto" levers on CPU, "plain" the official computation); the same
+    #: trajectory up to float rounding, so not part of the store's identity (``--set speed=plain``)
+    speed: str = "auto"
 
     def check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -69,6 +81,7 @@ class ExpertConfig:
             raise ConfigError(f"expert epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.lr <= 0:
             raise ConfigError(f"expert batch_size must be >= 1 and lr > 0 (got {self.batch_size}, {self.lr})")
+        check_speed(self.speed)
 
     def optimizer_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.optimizer, "lr": self.lr, "momentum": self.momentum,
@@ -113,9 +126,9 @@ def _new_model(real: RealData, name: str, options: dict[str, Any], generator: to
 class _BatchHook:
     """``train_model``'s augment hook: indices -> gathered, augmented images; registers GSAM's loss closure."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augment: Callable | None, model: nn.Module,
+    def __init__(self, images: Tensor, labels: Tensor, augment: Callable | None, forward: Callable[[Tensor], Tensor],
                  gsam: GSAM | None) -> None:
-        self.images, self.labels, self.augment, self.model, self.gsam = images, labels, augment, model, gsam
+        self.images, self.labels, self.augment, self.forward, self.gsam = images, labels, augment, forward, gsam
         self.loss_fn = classification_loss(labels)
 
     def __call__(self, index: Tensor, generator: torch.Generator) -> Tensor:
@@ -124,18 +137,22 @@ class _BatchHook:
             x = self.augment(x, generator)
         if self.gsam is not None:
             y = self.labels[index]
-            self.gsam.set_closure(lambda: self.loss_fn(self.model(x), y))
+            self.gsam.set_closure(lambda: self.loss_fn(self.forward(x), y))
         return x
 
 
 def train_expert(real: RealData, config: ExpertConfig, index: int, seed: int, *,
                  device: str | torch.device = "cpu", model_options: dict[str, Any] | None = None,
-                 on_epoch: Callable[[int, float | None], None] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
-    """Train expert ``index``; returns its ``epochs + 1`` parameter snapshots (CPU) and its info record."""
+                 on_epoch: Callable[[int, float | None], None] | None = None,
+                 speed: SpeedLayer | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
+    """Train expert ``index``; returns its ``epochs + 1`` parameter snapshots (CPU) and its info record.
+
+    ``speed`` replaces the layer built from ``config.speed`` (benchmarks force or forbid the compile with it)."""
     config.check()
     device = torch.device(device)
+    speed = SpeedLayer(config.speed, device) if speed is None else speed
     generator = make_generator(seed, "expert", index)
-    model = _new_model(real, config.model, model_options or {}, generator).to(device)
+    model = speed.prepare(_new_model(real, config.model, model_options or {}, generator)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "gsam":
         optimizer: torch.optim.Optimizer = GSAM(params, config.lr, momentum=config.momentum,
@@ -146,7 +163,11 @@ def train_expert(real: RealData, config: ExpertConfig, index: int, seed: int, *,
     aug = _dsa(config, real.name)
     images = real.train_images.to(device)
     labels = real.train_labels.to(device)
-    hook = _BatchHook(images, labels, None if aug.is_identity else aug, model,
+    # one rule for compiling: the pixels the whole expert pushes through its training forward
+    pixel_steps = config.epochs * images.shape[0] * images.shape[-1] * images.shape[-2]
+    batch_shape = (min(config.batch_size, images.shape[0]), *images.shape[1:])
+    forward = speed.train_forward(model, batch_shape, speed.compiles(pixel_steps, images.dtype))
+    hook = _BatchHook(images, labels, None if aug.is_identity else aug, forward,
                       optimizer if isinstance(optimizer, GSAM) else None)
     rows = torch.arange(images.shape[0], device=device)
     test_x, test_y = real.test_images.to(device), real.test_labels.to(device)
@@ -162,7 +183,7 @@ def train_expert(real: RealData, config: ExpertConfig, index: int, seed: int, *,
         t0 = time.perf_counter()
         train_model(model, rows, labels, epochs=1, lr=config.lr, generator=generator, momentum=config.momentum,
                     weight_decay=config.weight_decay, batch_size=config.batch_size, decay_at_half=False,
-                    augment=hook, optimizer=optimizer)
+                    augment=hook, optimizer=optimizer, forward=forward)
         trajectory.append(snapshot())
         t1 = time.perf_counter()
         acc = None
@@ -201,8 +222,9 @@ def open_or_create(out: str | Path, real: RealData, config: ExpertConfig, seed: 
 
 def train_experts(real: RealData, config: ExpertConfig, out: str | Path, num_experts: int, *, seed: int = 0,
                   device: str | torch.device = "cpu", resume: bool = False, model_options: dict[str, Any] | None = None,
-                  log: Callable[[str], None] | None = None) -> ExpertStore:
-    """Make sure experts ``0..num_experts-1`` exist in the store at ``out`` (training the missing ones)."""
+                  log: Callable[[str], None] | None = None, speed: SpeedLayer | None = None) -> ExpertStore:
+    """Make sure experts ``0..num_experts-1`` exist in the store at ``out`` (training the missing ones);
+    ``speed`` as in :func:`train_expert`."""
     if num_experts < 1:
         raise ConfigError(f"--num-experts must be >= 1, got {num_experts}")
     # under torchrun (ddkit/distributed.py) rank 0 creates or checks the store, then the missing experts are dealt
@@ -220,7 +242,7 @@ def train_experts(real: RealData, config: ExpertConfig, out: str | Path, num_exp
                 log(f"expert {index}: epoch {epoch}/{config.epochs}{shown} ({time.perf_counter() - start:.1f} s)")
 
         trajectory, info = train_expert(real, config, index, seed, device=device, model_options=model_options,
-                                        on_epoch=on_epoch)
+                                        on_epoch=on_epoch, speed=speed)
         info["config"] = asdict(config)
         store.write_expert(index, trajectory, info)
     distributed.barrier()  # every rank's shards are on disk before anyone reads the store
