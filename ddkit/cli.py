@@ -1,4 +1,4 @@
-"""``ddkit`` command line: list | distill | evaluate | show | export.
+"""``ddkit`` command line: list | distill | evaluate | experts | bench | show | export.
 
 Every user error (:class:`~ddkit.errors.DDKitError`) is printed as one line and exits with status 2; no
 traceback, nothing half-written (all files are written atomically).
@@ -78,6 +78,22 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dataset", help="with --full: the dataset")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite and write its report (ddkit/bench)")
+    p.add_argument("suite", help="a shipped suite (cpu-smoke, cpu-fmnist, gpu-paper, gpu-levers) or a YAML file")
+    p.add_argument("--out", required=True, help="the suite's folder: cell records, run folders, report.md")
+    p.add_argument("--data-root", help="folder with the dataset files, for cells that do not set data_root")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="device for cells that do not set one")
+    p.add_argument("--only", help="comma-separated cell ids to run (the report still lists every cell)")
+    p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop cleanly after this long: no phase starts later, a running one is interrupted and "
+                        "keeps its checkpoint (rerun the command to continue)")
+    p.add_argument("--check", action="store_true", help="validate the suite (keys, names, values; not the data folders) and list its cells; "
+                        "run nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the records; run nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddkit", description="Dataset distillation toolkit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_evaluate(sub)
     _add_experts(sub)
+    _add_bench(sub)
     p = sub.add_parser("show", help="write an image grid of a synthetic set")
     p.add_argument("path")
     p.add_argument("--out", required=True)
@@ -252,6 +269,44 @@ def cmd_experts(args) -> int:
     return run(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import Runner, Stopped, load_suite
+    from .bench.report import write_report
+    from .validate import Rule, check_number
+
+    if args.max_minutes is not None:
+        check_number("--max-minutes", args.max_minutes, Rule(low=0, low_exclusive=True))
+    suite = load_suite(args.suite, data_root=args.data_root, device=args.device, check_data=not args.check)
+    if args.check:
+        for cell in suite.cells:
+            its = "-" if cell.is_whole else "the method's default" if cell.iterations is None else cell.iterations
+            print(f"{cell.id:40s} iterations {its}, eval {cell.eval or 'field defaults'}")
+        print(f"{suite.name}: {len(suite.cells)} cells" + (" (a lever suite)" if suite.is_levers else "") + ", valid")
+        return 0
+    if suite.is_levers:
+        from .bench.levers import run_levers, write_levers_report
+
+        if args.report_only:
+            print(f"wrote {write_levers_report(suite, Path(args.out))}")
+            return 0
+        code = run_levers(suite, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"wrote {Path(args.out) / 'report.md'}")
+        return code
+    if args.report_only:
+        print(f"wrote {write_report(suite, args.out)}")
+        return 0
+    only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
+    runner = Runner(suite, args.out, retry_failed=args.retry_failed, only=only, max_minutes=args.max_minutes)
+    try:
+        failed = runner.run()
+    except Stopped as exc:
+        print(f"ddkit bench: stopped ({exc}); the report in {Path(args.out) / 'report.md'} is partial; run the same "
+              f"command again to continue", file=sys.stderr)
+        return 0 if "max-minutes" in str(exc) else 130
+    print(f"wrote {Path(args.out) / 'report.md'}" + (f" ({failed} failed cells)" if failed else ""))
+    return 1 if failed else 0
+
+
 def cmd_show(args) -> int:
     from .synthetic import SyntheticSet, save_grid
 
@@ -271,7 +326,7 @@ def cmd_export(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"list": cmd_list, "distill": cmd_distill, "evaluate": cmd_evaluate, "experts": cmd_experts,
-                "show": cmd_show, "export": cmd_export}
+                "bench": cmd_bench, "show": cmd_show, "export": cmd_export}
     return run_command(args.command, lambda: in_session(lambda: handlers[args.command](args)))
 
 
