@@ -272,6 +272,9 @@ def cmd_report(args: argparse.Namespace) -> None:
               f"({p['runs']} x {p['epochs']} ep) | {_ms(r['random_real_field'])} | {_ms(r['dd_recipe'])} | "
               f"{r['loss_first_last'][0]:.3f} -> {r['loss_first_last'][1]:.3f} | "
               f"{PAPER.get(r['dataset'], {}).get(r['ipc'], 'none published')} |")
+    print()
+    for ipc in (1, 10):
+        print(GPU_COMMANDS.format(ipc=ipc))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -63,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     overrides = json.loads(args.set) if args.set else {}
     cfg = KIPConfig(arch=args.arch, depth=args.depth, kernel=args.kernel, target_batch=args.target_batch,
                     learn_labels=args.learn_labels, **overrides)
+    load_start = os.getloadavg()
     real = load_dataset("fashion-mnist", args.data_root)
     syn = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"), learn_labels=cfg.learn_labels)
     spec = kernel_spec(cfg)
@@ -83,6 +84,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     distill(KIPDistiller(cfg), real, syn, iterations=args.iters, seed=args.seed, callbacks=[record])
     distill_s = time.perf_counter() - t0
     peak_distill = peak_rss_mib()
+    name = (f"kip_{args.arch}{args.depth}_{args.kernel}_ipc{args.ipc}_it{args.iters}_tb{cfg.target_batch}"
+            + (f"_{args.tag}" if args.tag else ""))
+    set_dir = syn.cpu().save(ROOT / "_work" / "kip" / name)  # for `ddkit evaluate` / more models later
     secs = [r["seconds"] for r in record.rows]
     # iterations that ran the periodic KRR test evaluation are not an iteration's cost
     evals = {i for i, r in enumerate(record.rows) if "krr_test_acc" in r}
@@ -93,22 +97,21 @@ def cmd_run(args: argparse.Namespace) -> None:
     accs: dict[str, list[float]] = {"init": [], "after": []}
     if args.runs > 0:
         protocol = EvalProtocol(runs=args.runs, epochs=args.epochs)
-        init = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"))
-        accs["init"] = [r.accuracy for r in evaluate(init, real, protocol, seed=args.seed).rows]
+        if not args.skip_init:  # the same draw and seeds as every other run of this IPC and seed: same figures
+            init = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"))
+            accs["init"] = [r.accuracy for r in evaluate(init, real, protocol, seed=args.seed).rows]
         accs["after"] = [r.accuracy for r in evaluate(syn, real, protocol, seed=args.seed).rows]
     result = {
         "ipc": args.ipc, "iters": args.iters, "kernel": spec.describe(), "target_batch": cfg.target_batch,
         "kernel_dtype": cfg.kernel_dtype, "learn_labels": cfg.learn_labels, "overrides": overrides,
         "median_s": statistics.median(steady), "seconds": secs, "distill_s": distill_s,
-        "krr_eval_s": krr_eval_s, "peak_rss_mib_distill": peak_distill, "krr_test_acc": {"init": krr_init,
-                                                                                         "after": krr_after},
+        "krr_eval_s": krr_eval_s, "set": str(set_dir), "peak_rss_mib_distill": peak_distill,
+        "krr_test_acc": {"init": krr_init, "after": krr_after},
         "train_acc_last": record.rows[-1].get("acc"), "loss": [r["loss"] for r in record.rows],
         "convnet": {"runs": args.runs, "epochs": args.epochs, **accs},
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or "?", "load_avg_at_start": os.getloadavg()},
+                    "cpu": platform.processor() or "?", "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg()},
     }
-    name = (f"kip_{args.arch}{args.depth}_{args.kernel}_ipc{args.ipc}_it{args.iters}_tb{cfg.target_batch}"
-            + (f"_{args.tag}" if args.tag else ""))
     print(save_json(WORK, name, result))
     print(json.dumps({"median_s": result["median_s"], "peak_rss_mib": peak_distill,
                       "krr": result["krr_test_acc"], "convnet": accs}))
@@ -121,7 +124,7 @@ def _ms(xs: list[float]) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    lines = ["| IPC | kernel | target batch | iterations | s/it (median) | peak RSS MiB | KRR test acc: init -> after |"
+    lines = ["| IPC | kernel | target batch | iterations | s/it (median; 1-min load recorded by the run) | peak RSS MiB | KRR test acc: init -> after |"
              " ConvNet-3 protocol: init -> after | paper KRR (ConvNet kernel) | paper KIP to NN |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(_rows(), key=lambda r: (r["ipc"], r["kernel"], r["iters"])):
@@ -130,7 +133,8 @@ def cmd_report(args: argparse.Namespace) -> None:
                    if conv["runs"] else "not run")
         lines.append(
             f"| {r['ipc']} | {r['kernel']}{', learned labels' if r['learn_labels'] else ''} | {r['target_batch']} | "
-            f"{r['iters']} | {r['median_s']:.2f} | {r['peak_rss_mib_distill']:.0f} | "
+            f"{r['iters']} | {r['median_s']:.3f} (load {r['machine']['load_avg_at_start'][0]:.1f}) | "
+            f"{r['peak_rss_mib_distill']:.0f} | "
             f"{r['krr_test_acc']['init']:.1f} -> {r['krr_test_acc']['after']:.1f} | {nn_cell} | "
             f"{PAPER['krr_conv'].get(r['ipc'], '–')} | {PAPER['to_nn'].get(r['ipc'], '–')} |")
     print("\n".join(lines))
@@ -153,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=2, help="fresh ConvNet-3 per set (0: skip the network protocol)")
     p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--skip-init", action="store_true",
+                   help="do not evaluate the real-image initialisation (another run of this IPC and seed did)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-root", default=DATA)
