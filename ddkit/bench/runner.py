@@ -259,7 +259,7 @@ class Runner:
             fh.write(f"\n### {started} ddkit {' '.join(args)}\n")
             fh.flush()
             proc = subprocess.Popen([self.python, "-m", "ddkit", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_interruptible)
             try:
                 returncode, rss = self._wait(proc)
             except BaseException:
@@ -309,6 +309,15 @@ class Runner:
             proc.wait()
         except (ProcessLookupError, ChildProcessError):
             pass
+
+
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt.
+
+    A bench started with ``nohup ... &`` (or from any shell without job control) ignores SIGINT, and an ignored
+    signal stays ignored across exec: the child would then never stop at --max-minutes and keep its checkpoint.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _needs_root(dataset: str) -> bool:
