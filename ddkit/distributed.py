@@ -250,6 +250,11 @@ def session() -> Iterator[None]:
     started = init_from_env()
     try:
         yield
+        if started:
+            # leave together: rank 0 still writes the run folder while the others are done, and one resumed
+            # 2-rank DM run here (of about 20 launches) aborted in a rank that tore its gloo group down meanwhile
+            # (SIGABRT, "terminate called without an active exception"); after an error torchrun stops the others
+            barrier()
     finally:
         if started:
             shutdown()
