@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .common import peak_rss_mib
+from .common import metrics_recorder, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "frepo"  # one JSON per run (committed)
@@ -76,7 +76,6 @@ def _result_path(name: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> None:
     from ddkit.data import load_dataset
     from ddkit.engine import distill, make_generator
-    from ddkit.engine.callbacks import Callback
     from ddkit.io import atomic_write_json
     from ddkit.methods import create_distiller
     from ddkit.synthetic import SyntheticSet
@@ -92,14 +91,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     syn = SyntheticSet.from_real(real, args.ipc, make_generator(args.seed, "init"), soft_labels=True,
                                  learn_labels=distiller.config.learn_labels)
 
-    class Record(Callback):
-        def __init__(self) -> None:
-            self.rows: list[dict[str, float]] = []
-
-        def on_iteration_end(self, state) -> None:
-            self.rows.append({k: float(v) for k, v in state.metrics.items()})
-
-    record = Record()
+    record = metrics_recorder()
     load_start = os.getloadavg()
     rss_before = peak_rss_mib()
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .common import peak_rss_mib, save_json
+from .common import metrics_recorder, peak_rss_mib, save_json
 
 ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "results" / "kip"  # one JSON per run (committed)
@@ -54,7 +54,6 @@ def _rows() -> list[dict[str, Any]]:
 def cmd_run(args: argparse.Namespace) -> None:
     from ddkit.data import load_dataset
     from ddkit.engine import distill, make_generator
-    from ddkit.engine.callbacks import Callback
     from ddkit.evaluation import EvalProtocol, evaluate
     from ddkit.methods.kip import DTYPES, KIPConfig, KIPDistiller, kernel_spec, kip_krr_accuracy
     from ddkit.synthetic import SyntheticSet
@@ -72,14 +71,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     krr_init = kip_krr_accuracy(syn, real, spec, reg=cfg.reg, batch=cfg.kernel_batch, dtype=dtype)
     krr_eval_s = time.perf_counter() - t0
 
-    class Record(Callback):
-        def __init__(self) -> None:
-            self.rows: list[dict[str, float]] = []
-
-        def on_iteration_end(self, state) -> None:
-            self.rows.append({k: float(v) for k, v in state.metrics.items()})
-
-    record = Record()
+    record = metrics_recorder()
     t0 = time.perf_counter()
     distill(KIPDistiller(cfg), real, syn, iterations=args.iters, seed=args.seed, callbacks=[record])
     distill_s = time.perf_counter() - t0

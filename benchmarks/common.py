@@ -145,3 +145,20 @@ def apply_overrides(config: Any, overrides: dict[str, Any]) -> None:
         if not hasattr(config, key):
             raise SystemExit(f"config override {key!r}: {type(config).__name__} has no such field")
         setattr(config, key, value)
+
+
+def metrics_recorder():
+    """An engine callback that keeps every iteration's metrics (as floats) in ``.rows``, for a benchmark's report.
+
+    Built on call so that importing this module does not import ddkit's engine.
+    """
+    from ddkit.engine.callbacks import Callback
+
+    class MetricsRecorder(Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict[str, float]] = []
+
+        def on_iteration_end(self, state) -> None:
+            self.rows.append({k: float(v) for k, v in state.metrics.items()})
+
+    return MetricsRecorder()
