@@ -25,7 +25,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--config", help="a YAML config (e.g. a previous run's config.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. method.lr_img=0.5, data.zca=true, engine.eval_every=100")
+                   help="override a config key, e.g. method.lr_img=0.5, data.zca=true, engine.eval_every=100, "
+                        "engine.loggers=tensorboard,wandb (extras ddkit[tensorboard], ddkit[wandb])")
     p.add_argument("--resume", action="store_true",
                    help="continue the checkpoint in --out (same settings; a larger --iterations extends the run)")
     p.add_argument("--overwrite", action="store_true", help="discard the run already in --out and start afresh")
