@@ -93,6 +93,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--check", action="store_true", help="validate the suite (keys, names, values; not the data folders) and list its cells; "
                         "run nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the records; run nothing")
+    p.add_argument("--results-md", metavar="FILE",
+                   help="also write the suite's table into FILE (e.g. benchmarks/RESULTS.md) between marker comments "
+                        "named after the suite, replacing the previous one (appended when the markers are absent)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +275,7 @@ def cmd_experts(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import Runner, Stopped, load_suite
-    from .bench.report import write_report
+    from .bench.report import write_report, write_results_section
     from .validate import Rule, check_number
 
     if args.max_minutes is not None:
@@ -287,6 +290,10 @@ def cmd_bench(args) -> int:
     if suite.is_levers:
         from .bench.levers import run_levers, write_levers_report
 
+        if args.results_md:
+            raise ConfigError(f"--results-md: {suite.name} is a lever suite (its report is a timing table, not "
+                              f"cells); give it a cell suite such as cpu-fmnist")
+
         if args.report_only:
             print(f"wrote {write_levers_report(suite, Path(args.out))}")
             return 0
@@ -295,6 +302,8 @@ def cmd_bench(args) -> int:
         return code
     if args.report_only:
         print(f"wrote {write_report(suite, args.out)}")
+        if args.results_md:
+            print(f"wrote {write_results_section(suite, args.out, args.results_md)}")
         return 0
     only = [c.strip() for c in args.only.split(",") if c.strip()] if args.only else None
     runner = Runner(suite, args.out, retry_failed=args.retry_failed, only=only, max_minutes=args.max_minutes)
@@ -303,8 +312,12 @@ def cmd_bench(args) -> int:
     except Stopped as exc:
         print(f"ddkit bench: stopped ({exc}); the report in {Path(args.out) / 'report.md'} is partial; run the same "
               f"command again to continue", file=sys.stderr)
+        if args.results_md:
+            print(f"wrote {write_results_section(suite, args.out, args.results_md)} (partial)")
         return 0 if "max-minutes" in str(exc) else 130
     print(f"wrote {Path(args.out) / 'report.md'}" + (f" ({failed} failed cells)" if failed else ""))
+    if args.results_md:
+        print(f"wrote {write_results_section(suite, args.out, args.results_md)}")
     return 1 if failed else 0
 
 

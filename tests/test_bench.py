@@ -223,6 +223,21 @@ def test_report_only_and_partial_marking(tmp_path):
     report = (out / "report.md").read_text()
     assert "Partial report: 1 of 2 cells finished" in report
     assert main(["bench", str(path), "--out", str(out), "--report-only"]) == 0
+    # --results-md: the table goes between the suite's markers of a hand-written file, replaced in place on a rerun
+    results = tmp_path / "docs" / "RESULTS.md"
+    results.parent.mkdir()
+    results.write_text("# Results\n\nhand-written text\n")
+    for _ in range(2):
+        assert main(["bench", str(path), "--out", str(out), "--report-only", "--results-md", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n")
+    assert text.count("<!-- ddkit bench tiny: begin") == 1 and text.count("<!-- ddkit bench tiny: end -->") == 1
+    assert "**Partial: 1 of 2 cells finished.**" in text and "(../out/report.md)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| digits | random | 1 |"))
+    assert "done" in row and "–" not in row.split("|")[9]  # a measured accuracy, from the cell's record
+    results.write_text(text + "\nlater text\n")
+    assert main(["bench", str(path), "--out", str(out), "--report-only", "--results-md", str(results)]) == 0
+    assert results.read_text().endswith("later text\n") and results.read_text().count("ddkit bench tiny: begin") == 1
     with pytest.raises(ConfigError, match="did you mean 'digits-random-ipc1'"):
         Runner(load_suite(path), out, only=["digits-random-ipc2"]).run()
     _ = os
