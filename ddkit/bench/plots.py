@@ -59,10 +59,17 @@ def _methods(rows: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
+def _colours(plt) -> list:
+    """One colour per method: the default cycle has 10, a full suite has 12 methods or more, and two methods
+    sharing a colour in one plot cannot be told apart; tab20 alternates dark and light shades of 10 hues."""
+    cmap = plt.get_cmap("tab20")
+    return [cmap(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]
+
+
 def _acc_vs_ipc(plt, rows):
     datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours(plt)
     methods = _methods(rows)
     for ax, dataset in zip(axes[0], datasets):
         mine = [r for r in rows if r["dataset"] == dataset]
@@ -94,7 +101,7 @@ def _acc_vs_time(plt, rows):
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = _colours(plt)
     markers = {}
     for i, method in enumerate(_methods(pts)):
         mine = [r for r in pts if r["method"] == method]
